@@ -1,0 +1,181 @@
+"""Frozen CLIP backbones from open_clip: loading (named, local file, tiny), preprocessing, and the
+image path TRIP needs (image features plus the final-block tokens before `ln_post`)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from trip.config import BackboneCfg
+from trip.errors import TripError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# A test-sized CLIP: 32 px images in 4 px patches (an 8x8 token grid plus CLS), 2-layer towers.
+TINY_CFG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def cache_dir() -> Path:
+    """Where trip keeps what it computes once (pretrained tiny CLIP, frozen features, synthetic data)."""
+    return Path(os.environ.get("TRIP_CACHE", Path.home() / ".cache" / "trip"))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TripError("device 'cuda' was asked for but no CUDA GPU is visible: set device: cpu or auto")
+    return torch.device(name)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the frozen encoders on GPU; plain fp32 on CPU (bit-reproducible)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Backbone:
+    model: open_clip.model.CLIP
+    tokenizer: open_clip.tokenizer.SimpleTokenizer
+    identity: str  # names the weights exactly; part of every cache key
+    device: torch.device
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return size[0] if isinstance(size, tuple) else size
+
+    @property
+    def text_width(self) -> int:
+        return self.model.token_embedding.weight.shape[1]
+
+    @property
+    def vision_width(self) -> int:
+        return self.model.visual.class_embedding.shape[0]
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
+
+    def transform(self) -> transforms.Compose:
+        """The CLIP test transform (spec §1.3), used for every split: no augmentation."""
+        return clip_transform(self.image_size)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image features [B, E] (unnormalised, as `encode_image`) and the final-block residual tokens
+        [B, 1 + grid², Dv] (CLS first, before ln_post and the projection): the router's input."""
+        visual = self.model.visual
+        with autocast(self.device):
+            tokens = visual.transformer(visual._embeds(pixels.to(self.device)))
+            pooled, _ = visual._pool(tokens)
+            if visual.proj is not None:
+                pooled = pooled @ visual.proj
+        return pooled.float(), tokens.float()
+
+
+def clip_transform(size: int) -> transforms.Compose:
+    return transforms.Compose([
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        lambda image: image.convert("RGB"),
+        transforms.ToTensor(),
+        transforms.Normalize(CLIP_MEAN, CLIP_STD),
+    ])
+
+
+def load_image(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+def load_backbone(cfg: BackboneCfg, device: torch.device) -> Backbone:
+    if cfg.name == "tiny":
+        model, identity = _tiny(cfg)
+    else:
+        model, identity = _named(cfg)
+    model = model.to(device).eval().requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    return Backbone(model, tokenizer, identity, device)
+
+
+def new_tiny_clip() -> open_clip.model.CLIP:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # random weights that are the same every time (a stable cache identity)
+        return open_clip.model.CLIP(**TINY_CFG, quick_gelu=True)
+
+
+def _tiny(cfg: BackboneCfg) -> tuple[open_clip.model.CLIP, str]:
+    if cfg.pretrained is None:
+        return new_tiny_clip(), "tiny:random"
+    if cfg.pretrained == "synthetic":
+        from trip.pretrain import pretrained_tiny_clip
+
+        return pretrained_tiny_clip()
+    path = Path(cfg.pretrained)
+    if not path.is_file():
+        raise TripError(f"backbone.pretrained for 'tiny' must be 'synthetic', null or a weights file; "
+                        f"{cfg.pretrained!r} is none of these")
+    from safetensors.torch import load_file
+
+    model = new_tiny_clip()
+    model.load_state_dict(load_file(path))
+    return model, f"tiny:{_file_digest(path)}"
+
+
+def _named(cfg: BackboneCfg) -> tuple[open_clip.model.CLIP, str]:
+    if cfg.name not in open_clip.list_models():
+        raise TripError(f"backbone.name {cfg.name!r} is not an open_clip model (nor 'tiny'); "
+                        f"e.g. ViT-B-16, ViT-B-32, ViT-L-14")
+    if cfg.pretrained is None:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return open_clip.create_model(cfg.name, pretrained=None), f"{cfg.name}:random"
+    local = Path(cfg.pretrained).expanduser()
+    looks_like_path = local.suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in cfg.pretrained
+    if looks_like_path and not local.is_file():
+        raise TripError(f"backbone.pretrained: no weights file at {local}. " + _WEIGHTS_HELP)
+    quick = cfg.quick_gelu if cfg.quick_gelu is not None else (cfg.pretrained == "openai" or looks_like_path)
+    try:
+        model = open_clip.create_model(cfg.name, pretrained=str(local) if looks_like_path else cfg.pretrained,
+                                       force_quick_gelu=quick, cache_dir=str(cache_dir() / "weights"))
+    except Exception as err:  # open_clip raises many kinds when a download fails offline
+        raise TripError(f"could not load the {cfg.name} weights '{cfg.pretrained}' ({type(err).__name__}: "
+                        f"{str(err)[:200]}). " + _WEIGHTS_HELP) from None
+    identity = f"{cfg.name}:{_file_digest(local) if looks_like_path else cfg.pretrained}"
+    return model, identity
+
+
+_WEIGHTS_HELP = (
+    "This machine cannot download weights. On a machine with internet run: python -c \"import open_clip; "
+    "open_clip.create_model('ViT-B-16', pretrained='openai', cache_dir='clip-weights')\", copy the "
+    "open_clip_pytorch_model.bin (or OpenAI's ViT-B-16.pt) it fetched, and set backbone.pretrained to "
+    "that file's path (docs/reproduce.md)."
+)
+
+
+def _file_digest(path: Path) -> str:
+    """A cheap identity for a weights file: size and the hash of its first and last MiB."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,182 @@
+"""The experiment config: typed, validated before anything runs, YAML in and out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trip.errors import TripError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneCfg(_Strict):
+    name: str = "ViT-B-16"  # an open_clip model name, or "tiny" (test-sized CLIP)
+    # An open_clip pretrained tag ("openai"), a local checkpoint file, "synthetic" (tiny only:
+    # pretrained on the synthetic caption corpus, cached), or null for random weights.
+    pretrained: str | None = "openai"
+    quick_gelu: bool | None = None  # None: on for OpenAI weights (the "openai" tag or a local file)
+
+
+class DataCfg(_Strict):
+    name: str = "synthetic"
+    root: str | None = None  # None: $TRIP_DATA, or the cache folder for the synthetic set
+    targets: list[str] | Literal["all"] = "all"  # held-out domains, one leave-one-out run each
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    images_per_class: int = Field(40, ge=2)  # synthetic only
+    max_images_per_domain: int | None = Field(None, ge=4)  # subsample (seeded) for smoke tests
+
+
+class TrainCfg(_Strict):
+    rounds: int = Field(15, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    lr_decay: float = Field(0.8, gt=0, le=1)  # round r trains with lr * lr_decay**r (spec §1.6 `gamma`)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-7, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+
+
+class ZeroShotCfg(_Strict):
+    name: Literal["zeroshot"]
+    label: str | None = None
+    templates: Literal["single", "ensemble"] = "ensemble"
+
+
+class PromptFLCfg(_Strict):
+    name: Literal["promptfl"]
+    label: str | None = None
+    n_ctx: int = Field(16, ge=1)
+
+
+class TripCfg(_Strict):
+    """TRIP, TRIP-Lite and their ablations (spec §2–§6, §7.2)."""
+
+    name: Literal["trip", "trip-lite"]
+    label: str | None = None
+    num_experts: int = Field(4, ge=1)
+    n_ctx: int = Field(32, ge=1)
+    kl_weight: float = Field(1.0, ge=0)  # the official code's `alpha`
+    teacher: Literal["ensemble", "single"] = "ensemble"
+    # token: the parameter-free router; image-hard/-soft: route the CLS token; uniform: w = 1/M;
+    # learned: a linear gate on the CLS token, trained and communicated with the experts.
+    routing: Literal["token", "image-hard", "image-soft", "uniform", "learned"] = "token"
+    assignment: Literal["hungarian", "random", "greedy"] = "hungarian"
+    capacity_train: float | None = Field(1.0, gt=0)  # None: plain k-means without capacity
+    capacity_infer: float | None = Field(2.0, gt=0)
+    kmeans_iters: int = Field(100, ge=1)
+    key_seed: int = 0
+    image_temperature: float = Field(0.1, gt=0)
+    tie_expert_init: bool = False  # True reproduces the official identical init (spec B1)
+    bma: bool = True
+    bma_beta: float = Field(0.2, gt=0)
+    bma_include_init: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lite_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") == "trip-lite":
+            data = {"num_experts": 2, "n_ctx": 1, **data}
+        return data
+
+
+MethodCfg = Annotated[ZeroShotCfg | PromptFLCfg | TripCfg, Field(discriminator="name")]
+
+
+class ExperimentCfg(_Strict):
+    name: str = "experiment"
+    seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backbone: BackboneCfg = Field(default_factory=BackboneCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    methods: list[MethodCfg] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_labels(self) -> ExperimentCfg:
+        labels = [method_label(m) for m in self.methods]
+        repeated = sorted({x for x in labels if labels.count(x) > 1})
+        if repeated:
+            raise ValueError(f"two methods share the label {repeated}: give each a distinct `label`")
+        return self
+
+
+def method_label(method: ZeroShotCfg | PromptFLCfg | TripCfg) -> str:
+    return method.label or method.name
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> ExperimentCfg:
+    try:
+        return ExperimentCfg.model_validate(raw)
+    except ValidationError as err:
+        raise TripError(f"invalid {source}:\n" + _explain(err)) from None
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"] if not _is_union_tag(p))
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}': remove it or check its spelling")
+        else:
+            lines.append(f"  key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _is_union_tag(part: Any) -> bool:
+    return part in ("zeroshot", "promptfl", "trip", "trip-lite")
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentCfg:
+    path = Path(path)
+    if not path.is_file():
+        raise TripError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise TripError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise TripError(f"{path} must hold a mapping of config keys at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    return parse_config(raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`--set train.rounds=3` or `--set methods.1.n_ctx=8`: the value is read as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise TripError(f"--set expects key=value, got {item!r}")
+    *parents, last = key.split(".")
+    node: Any = raw
+    for part in parents:
+        node = _child(node, part, key)
+    parsed = yaml.safe_load(value)
+    if isinstance(node, list):
+        node[_index(node, last, key)] = parsed
+    else:
+        node[last] = parsed
+
+
+def _child(node: Any, part: str, key: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, key)]
+    if not isinstance(node, dict):
+        raise TripError(f"--set {key}: '{part}' is not inside a mapping")
+    return node.setdefault(part, {})
+
+
+def _index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise TripError(f"--set {key}: '{part}' is not an index of a list of {len(node)} items")
+    return int(part)
+
+
+def dump_config(cfg: ExperimentCfg) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

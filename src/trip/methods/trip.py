@@ -1,0 +1,83 @@
+"""TRIP (spec §2–§5): M prompt experts; each image's context is the mixture Σ_e w_e·E_e with w from the
+parameter-free token router (precomputed, cached); loss = CE + α·KL(zero-shot teacher ‖ student).
+Ablations replace the router (image-level, uniform, learned gate) or its parts (assignment, capacity)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trip import routing
+from trip.features import RoutingSpec
+from trip.methods.base import Method, Split, gaussian_init
+from trip.methods.text import zeroshot_weights
+from trip.textenc import build_prompt_tokens, encode_prompts
+
+
+class Trip(Method):
+    eval_batch_size = 64  # every image has its own prompt: a batch encodes batch × classes sequences
+
+    def __init__(self, cfg, backbone, class_names):
+        super().__init__(cfg, backbone, class_names)
+        self.uses_bma = cfg.bma
+        self.tokens = build_prompt_tokens(backbone.model, backbone.tokenizer, class_names, cfg.n_ctx)
+        self.teacher = zeroshot_weights(backbone, class_names, cfg.teacher)  # [C, E]
+        self.keys = routing.static_keys(cfg.num_experts, backbone.vision_width, cfg.key_seed).to(backbone.device)
+        self.route_train = self._spec(cfg.capacity_train)
+        self.route_infer = self._spec(cfg.capacity_infer)
+
+    def _spec(self, capacity: float | None) -> RoutingSpec:
+        c = self.cfg
+        return RoutingSpec(c.num_experts, capacity, c.kmeans_iters, c.key_seed, c.assignment)
+
+    @staticmethod
+    def count_params(cfg, text_width: int, vision_width: int) -> int:
+        router = cfg.num_experts * (vision_width + 1) if cfg.routing == "learned" else 0
+        return cfg.num_experts * cfg.n_ctx * text_width + router
+
+    def routing_specs(self) -> list[RoutingSpec]:
+        return [self.route_train, self.route_infer] if self.cfg.routing == "token" else []
+
+    def init_params(self, seed: int) -> dict[str, torch.Tensor]:
+        c, dev, width = self.cfg, self.backbone.device, self.backbone.text_width
+        if c.tie_expert_init:  # the official quirk: every expert starts from the same draw (spec B1)
+            experts = gaussian_init((c.n_ctx, width), seed, dev).expand(c.num_experts, -1, -1).clone()
+        else:
+            experts = gaussian_init((c.num_experts, c.n_ctx, width), seed, dev)
+        params = {"experts": experts}  # [M, N_CTX, W]
+        if c.routing == "learned":
+            params["router.weight"] = gaussian_init((c.num_experts, self.backbone.vision_width), seed + 1, dev)
+            params["router.bias"] = torch.zeros(c.num_experts, device=dev)
+        return params
+
+    def mixture_weights(self, params: dict[str, torch.Tensor], batch: Split, train: bool) -> torch.Tensor:
+        """[b, M] mixture weights of each image."""
+        mode = self.cfg.routing
+        if mode == "token":
+            return batch.routing[(self.route_train if train else self.route_infer).key()]
+        if mode in ("image-hard", "image-soft"):
+            return routing.image_level_weights(batch.cls, self.keys, mode.removeprefix("image-"),
+                                               temperature=self.cfg.image_temperature)
+        if mode == "uniform":
+            return torch.full((len(batch), self.cfg.num_experts), 1 / self.cfg.num_experts,
+                              device=batch.cls.device)
+        return torch.softmax(batch.cls @ params["router.weight"].T + params["router.bias"], dim=-1)
+
+    def _student_logits(self, params: dict[str, torch.Tensor], batch: Split, train: bool) -> torch.Tensor:
+        w = self.mixture_weights(params, batch, train).to(params["experts"].dtype)
+        ctx = torch.einsum("bm,mlw->blw", w, params["experts"])  # [b, N_CTX, W]
+        text = F.normalize(encode_prompts(self.backbone.model, self.tokens, ctx).float(), dim=-1)  # [b, C, E]
+        return self.backbone.logit_scale * torch.einsum("be,bce->bc", batch.features, text)
+
+    def logits(self, params: dict[str, torch.Tensor], batch: Split) -> torch.Tensor:
+        return self._student_logits(params, batch, train=False)
+
+    def loss(self, params: dict[str, torch.Tensor], batch: Split) -> torch.Tensor:
+        student = self._student_logits(params, batch, train=True)
+        loss = F.cross_entropy(student, batch.labels)
+        if self.cfg.kl_weight > 0:
+            teacher = self.backbone.logit_scale * batch.features @ self.teacher.T  # frozen zero-shot logits
+            kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True,
+                          reduction="batchmean")
+            loss = loss + self.cfg.kl_weight * kl
+        return loss

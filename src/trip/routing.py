@@ -1,0 +1,276 @@
+"""Parameter-free token-level router of TRIP (spec §3): capacity k-means + Hungarian matching to static keys.
+
+Everything is batched over images ([B, N, D] tokens) and runs on CPU or GPU. Each image's result depends
+only on its own tokens and init indices, never on the rest of the batch: bit for bit where the BLAS rounds
+an image's matmul the same whatever the batch size (e.g. single-threaded CPU); otherwise distances can
+differ in the last ulp, which changes a result only at an exact tie.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+__all__ = [
+    "KMeansResult",
+    "assign_experts",
+    "capacities",
+    "capacity_kmeans",
+    "image_level_weights",
+    "init_indices",
+    "mixture_weights",
+    "route",
+    "static_keys",
+]
+
+SEED_STRIDE = 1_000_003  # per-image k-means seed = seed * SEED_STRIDE + image_id
+CPU_BLOCK_SIZE = 16  # images per k-means block on CPU: ~20 MB of fp32 CLIP tokens, cache-friendly
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    assign: Tensor  # [B, N] int64 cluster id, -1 for a dropped token
+    centroids: Tensor  # [B, M, D]
+    counts: Tensor  # [B, M] int64 kept tokens per cluster
+    iterations: Tensor  # [B] int64 iterations run (the converged one included)
+
+
+def static_keys(num_experts: int, dim: int, seed: int) -> Tensor:
+    """[M, D] fp32 orthonormal rows from a private generator (sign-fixed QR of a Gaussian)."""
+    if num_experts > dim:
+        raise ValueError(f"cannot have {num_experts} orthonormal rows in dimension {dim}")
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(dim, num_experts, generator=g, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)  # q [D, M]
+    sign = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(torch.float64)
+    return (q * sign).T.contiguous().to(torch.float32)
+
+
+def capacities(num_tokens: int, num_clusters: int, capacity_factor: float) -> Tensor:
+    """c_m = int(floor(N/M)·α), +1 (unscaled) for the first N mod M clusters (spec B11)."""
+    cap = torch.full((num_clusters,), int(num_tokens // num_clusters * capacity_factor), dtype=torch.int64)
+    cap[: num_tokens % num_clusters] += 1
+    return cap
+
+
+def _greedy_capacity_assign(cost: Tensor, cap: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Preferred cluster per token, dropping overflow greedily in ascending-cost order. -> assign, counts."""
+    num_clusters = cost.shape[-1]
+    best, pref = cost.min(dim=-1)  # [B, N]; ties -> first index
+    if cap is None:
+        return pref, F.one_hot(pref, num_clusters).sum(1)
+    order = torch.argsort(best, dim=1, stable=True)
+    pref_sorted = pref.gather(1, order)
+    onehot = F.one_hot(pref_sorted, num_clusters)  # [B, N, M]
+    # rank = 1-based position of a token among the tokens preferring the same cluster, in sorted order.
+    # The greedy loop keeps a token iff fewer than c_p tokens were kept in p before it. Dropped tokens
+    # consume no room, and a token is only dropped once p is full, so "kept before it" = min(rank - 1, c_p);
+    # hence kept <=> rank <= c_p: the first c_p tokens preferring p are kept and the rest dropped.
+    rank = onehot.cumsum(1).gather(2, pref_sorted.unsqueeze(-1)).squeeze(-1)
+    kept = torch.empty_like(pref, dtype=torch.bool).scatter_(1, order, rank <= cap[pref_sorted])
+    return pref.masked_fill(~kept, -1), torch.minimum(onehot.sum(1), cap)
+
+
+def _pad_for_cdist(x: Tensor) -> tuple[Tensor, bool]:
+    """x [B, N, D] -> ([B, N, D+2] = (-2x, |x|², 1), True): torch.cdist's left matmul operand, built once
+    instead of at every iteration; (x, False) when N <= 25 (so M <= 25), where torch.cdist is direct."""
+    if x.shape[1] <= 25:
+        return x, False
+    lhs = x.new_empty(*x.shape[:-1], x.shape[-1] + 2)
+    torch.mul(x, -2, out=lhs[..., :-2])
+    torch.sum(x.pow(2), dim=-1, out=lhs[..., -2])
+    lhs[..., -1] = 1
+    return lhs, True
+
+
+def _cdist(xs: Tensor, padded: bool, mu: Tensor) -> Tensor:
+    """torch.cdist(x, mu) bit for bit ([B, N, M], Euclidean), from xs = _pad_for_cdist(x)."""
+    if not padded:
+        return torch.cdist(xs, mu)
+    mu_rhs = torch.cat([mu, torch.ones_like(mu[..., :1]), mu.pow(2).sum(-1, keepdim=True)], -1)
+    return (xs @ mu_rhs.mT).clamp_min_(1e-30).sqrt_()
+
+
+def _update_centroids(
+    xs: Tensor, padded: bool, dist: Tensor, assign: Tensor, counts: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Mean of kept tokens; an empty cluster takes the token farthest from the old centroids. -> mu, empty."""
+    d = xs.shape[-1] - 2 if padded else xs.shape[-1]
+    # Padded: use the -2x block and scale by -0.5. Scaling by a power of two commutes with rounding, so this
+    # equals the mean of x bit for bit, and only one copy of the tokens is kept.
+    feats, scale = xs[..., :d], (-0.5 if padded else 1.0)
+    clusters = torch.arange(counts.shape[-1], device=xs.device)
+    member = (assign.unsqueeze(1) == clusters[:, None]).to(xs.dtype)  # [B, M, N]; dropped tokens in none
+    mu = (member @ feats) * scale / counts.clamp_min(1).unsqueeze(-1).to(xs.dtype)
+    far = dist.amin(dim=-1).argmax(dim=1)  # [B]; two empty clusters get the same token
+    far_x = feats.gather(1, far[:, None, None].expand(-1, 1, d)) * scale  # [B, 1, D]
+    empty = counts == 0
+    return torch.where(empty.unsqueeze(-1), far_x, mu), empty
+
+
+def _kmeans_block(
+    x: Tensor, init_index: Tensor, cap: Tensor | None, max_iters: int, eta: float, tol: float
+) -> KMeansResult:
+    """capacity_kmeans on one block of images, x [B, N, D] in the compute dtype."""
+    b, n, d = x.shape
+    m, dev = init_index.shape[1], x.device
+    out_assign = torch.empty(b, n, dtype=torch.int64, device=dev)
+    out_counts = torch.empty(b, m, dtype=torch.int64, device=dev)
+    out_mu = torch.empty(b, m, d, dtype=x.dtype, device=dev)
+    out_iters = torch.empty(b, dtype=torch.int64, device=dev)
+
+    # Working set: images idx (live = not yet converged); it shrinks once half of it has converged.
+    idx, live = torch.arange(b, device=dev), torch.ones(b, dtype=torch.bool, device=dev)
+    mu = x.gather(1, init_index.unsqueeze(-1).expand(-1, -1, d))
+    xs, padded = _pad_for_cdist(x)
+    lam = torch.zeros(b, m, dtype=torch.float32, device=dev)
+    for it in range(max_iters):
+        dist = _cdist(xs, padded, mu)  # [b', N, M]
+        assign, counts = _greedy_capacity_assign(dist if cap is None else dist + lam.unsqueeze(1), cap)
+        if cap is not None:
+            lam = lam + eta * (counts - cap)
+        new_mu, empty = _update_centroids(xs, padded, dist, assign, counts)
+        lam = lam.masked_fill(empty, 0.0)
+        converged = torch.linalg.vector_norm(new_mu - mu, dim=-1).mean(-1) < tol
+        done = live if it == max_iters - 1 else live & converged
+        if bool(done.any()):
+            sel = idx[done]
+            out_assign[sel] = assign[done]
+            out_counts[sel] = counts[done]
+            out_mu[sel] = torch.where(converged[:, None, None], mu, new_mu)[done]
+            out_iters[sel] = it + 1
+            live = live & ~done
+            n_live = int(live.sum())
+            if n_live == 0:
+                break
+            if 2 * n_live <= live.numel():
+                idx, xs, new_mu, lam, live = idx[live], xs[live], new_mu[live], lam[live], live[live]
+        mu = new_mu
+    return KMeansResult(out_assign, out_mu, out_counts, out_iters)
+
+
+def capacity_kmeans(
+    tokens: Tensor,
+    num_clusters: int,
+    capacity_factor: float | None,
+    *,
+    init_index: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    max_iters: int = 100,
+    eta: float = 1e-4,
+    tol: float = 1e-4,
+    block_size: int | None = None,
+) -> KMeansResult:
+    """Official capacity-aware k-means (spec §3.3) on tokens [B, N, D]; capacity_factor=None is plain k-means.
+
+    init_index [B, M] holds token indices of the initial centroids (default: randperm(N)[:M] per image from
+    `generator`). Runs in at least fp32. Every operation is per image and an image's result is frozen when it
+    converges, so it equals the result of the image alone. On convergence the old centroids are returned.
+    Images are processed block_size at a time (default: 16 on CPU, to stay in cache; all at once on GPU).
+    """
+    b, n, _ = tokens.shape
+    if n < num_clusters:
+        raise ValueError(f"{n} tokens cannot make {num_clusters} clusters")
+    x = tokens.to(torch.promote_types(tokens.dtype, torch.float32))
+    if init_index is None:
+        init_index = torch.stack([torch.randperm(n, generator=generator)[:num_clusters] for _ in range(b)])
+    init_index = init_index.to(x.device, torch.int64)
+    cap = None if capacity_factor is None else capacities(n, num_clusters, capacity_factor).to(x.device)
+    if cap is not None and int(cap.sum()) == 0:
+        raise ValueError(f"capacity factor {capacity_factor} leaves no room for any of the {n} tokens")
+    block = block_size or (CPU_BLOCK_SIZE if x.device.type == "cpu" else b)
+    parts = [
+        _kmeans_block(xb, ib, cap, max_iters, eta, tol)
+        for xb, ib in zip(x.split(block), init_index.split(block), strict=True)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return KMeansResult(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(KMeansResult)))
+
+
+def _cosine(centroids: Tensor, keys: Tensor) -> Tensor:
+    """centroids [B, M, D], keys [E, D] -> [B, M, E] cosine, in at least fp32.
+
+    One small matmul per image: a batched matmul may round differently for different batch sizes, which
+    could flip the Hungarian choice between exactly tied clusters (duplicate centroids).
+    """
+    dt = torch.promote_types(torch.promote_types(centroids.dtype, keys.dtype), torch.float32)
+    keys_t = F.normalize(keys.to(device=centroids.device, dtype=dt), dim=-1).T
+    return torch.stack([F.normalize(c, dim=-1) @ keys_t for c in centroids.to(dt)])
+
+
+def assign_experts(centroids: Tensor, keys: Tensor) -> Tensor:
+    """perm[b, m] = expert of cluster m: Hungarian bijection maximising the total cosine (scipy, on CPU)."""
+    cost = (-_cosine(centroids, keys)).cpu().numpy()
+    perm = np.stack([linear_sum_assignment(c)[1] for c in cost])  # row indices are 0..M-1 (square)
+    return torch.as_tensor(perm, dtype=torch.int64, device=centroids.device)
+
+
+def mixture_weights(counts: Tensor, perm: Tensor) -> Tensor:
+    """w[b, perm[b, m]] += counts[b, m] / Σ_m counts[b, m] (kept tokens only; collisions are summed)."""
+    w = torch.zeros(counts.shape, dtype=torch.float32, device=counts.device)
+    w.scatter_add_(1, perm, counts.to(torch.float32))
+    return w / counts.sum(1, keepdim=True).clamp_min(1).to(torch.float32)
+
+
+def _image_generators(image_ids: Tensor, seed: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed((seed * SEED_STRIDE + i) % 2**64) for i in image_ids.tolist()]
+
+
+def _draw_init(gens: list[torch.Generator], num_tokens: int, num_clusters: int) -> Tensor:
+    return torch.stack([torch.randperm(num_tokens, generator=g)[:num_clusters] for g in gens])
+
+
+def init_indices(image_ids: Tensor, num_tokens: int, num_clusters: int, seed: int) -> Tensor:
+    """[B, M] k-means init of each image: randperm(N)[:M] from Generator((seed * 1_000_003 + id) mod 2^64)."""
+    return _draw_init(_image_generators(image_ids, seed), num_tokens, num_clusters)
+
+
+def route(
+    tokens: Tensor,
+    keys: Tensor,
+    capacity_factor: float | None,
+    *,
+    image_ids: Tensor,
+    seed: int,
+    assignment: Literal["hungarian", "random", "greedy"] = "hungarian",
+    **kmeans_kwargs,
+) -> Tensor:
+    """Full router: tokens [B, N, D], keys [M, D] -> mixture weights [B, M] fp32 (rows sum to 1).
+
+    "random" draws randperm(M) from each image's generator right after its init draw; "greedy" sends each
+    cluster to its argmax-cosine key (collisions allowed, weights summed per expert).
+    """
+    if assignment not in ("hungarian", "random", "greedy"):
+        raise ValueError(f"unknown assignment {assignment!r}")
+    num_experts, n = keys.shape[0], tokens.shape[1]
+    if tokens.shape[0] == 0:
+        return torch.zeros(0, num_experts, dtype=torch.float32, device=tokens.device)
+    gens = _image_generators(image_ids, seed)
+    init = _draw_init(gens, n, num_experts)
+    res = capacity_kmeans(tokens, num_experts, capacity_factor, init_index=init, **kmeans_kwargs)
+    if assignment == "hungarian":
+        perm = assign_experts(res.centroids, keys)
+    elif assignment == "greedy":
+        perm = _cosine(res.centroids, keys).argmax(-1)
+    else:
+        perm = torch.stack([torch.randperm(num_experts, generator=g) for g in gens]).to(tokens.device)
+    return mixture_weights(res.counts, perm)
+
+
+def image_level_weights(
+    cls_tokens: Tensor, keys: Tensor, mode: Literal["hard", "soft"], temperature: float = 0.1
+) -> Tensor:
+    """Image-level routing ablation: cls_tokens [B, D] -> [B, M]: one-hot argmax cos, or softmax(cos/τ)."""
+    cos = _cosine(cls_tokens.unsqueeze(1), keys).squeeze(1)  # [B, M]
+    if mode == "hard":
+        return F.one_hot(cos.argmax(-1), keys.shape[0]).to(torch.float32)
+    if mode == "soft":
+        return torch.softmax(cos / temperature, dim=-1).to(torch.float32)
+    raise ValueError(f"unknown mode {mode!r}")

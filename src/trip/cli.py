@@ -9,11 +9,15 @@ from importlib import resources
 from pathlib import Path
 
 from trip.config import load_config
+from trip.data.tools import add_data_command
 from trip.errors import TripError
+from trip.federation.flower.cli import add_parser as add_flower_command
 
 QUICK = ["train.rounds=2", "data.images_per_class=12"]
 TINY_NOTE = ("Note: a tiny CLIP pretrained for seconds on synthetic shapes. These numbers show the "
              "machinery works; they say nothing about TRIP on real benchmarks (see docs/reproduce.md).")
+RANDOM_TINY_NOTE = ("Note: a tiny CLIP with random weights: a smoke test of the pipeline; the accuracies mean "
+                    "nothing (see docs/reproduce.md).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +47,40 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="run folder (default runs/<config name>-<time>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set train.rounds=3 (repeatable)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out: finished entries are kept, an interrupted one resumes "
+                          "from its last checkpoint (re-running into the same folder does the same)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check the config and its data and print the plan (runs, clients, splits, params); "
+                          "train nothing")
+    run.add_argument("--data-root", type=Path, metavar="DIR",
+                     help="folder holding the data sets (default: data.root of the config, else $TRIP_DATA)")
+    run.add_argument("--backbone", metavar="NAME",
+                     help="an open_clip model name (keeps backbone.pretrained) or 'tiny' (random weights): "
+                          "smoke-test a paper config on a small tree")
+    run.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess",
+                     help="inprocess (default): clients in turn in this process; flower: a local Flower "
+                          "federation (SuperLink + one SuperNode per source domain on 127.0.0.1), same numbers")
     run.set_defaults(func=_run)
+
+    add_data_command(sub)  # trip data list | verify | download
+    add_flower_command(sub)  # trip flower certs | superlink | supernode | worker | run-config
+
+    viz = sub.add_parser("viz", help="pictures").add_subparsers(dest="picture", required=True)
+    maps = viz.add_parser("routing", help="token routing map and mixture weights of image files, at the train "
+                          "and inference capacity factors of the config's first trip / trip-lite method")
+    maps.add_argument("images", type=Path, nargs="+",
+                      help="image files; one inside <domain>/<class>/ of the config's data set seeds its k-means "
+                           "as the cache does (matching the cached weights), any other by its file name")
+    maps.add_argument("--config", type=Path, required=True, help="the backbone and router settings come from here")
+    maps.add_argument("--out", type=Path, default=Path("routing-maps"), help="folder for the PNGs")
+    maps.set_defaults(func=_viz)
+
+    report = sub.add_parser("report", help="one Markdown report putting run folders side by side")
+    report.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", type=Path, default=Path("report.md"))
+    report.add_argument("--html", action="store_true", help="also write a self-contained HTML page beside it")
+    report.set_defaults(func=_report)
     return p
 
 
@@ -55,19 +92,57 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    note = TINY_NOTE if cfg.backbone.name == "tiny" else ""
-    return _execute(cfg, args.out or _default_out(args.config.stem), note=note)
+    cfg = load_config(args.config, _backbone_overrides(args.backbone) + args.overrides)
+    if args.data_root:
+        cfg.data.root = str(args.data_root)
+    if args.dry_run:
+        from trip.plan import format_plan, make_plan
+
+        print(format_plan(make_plan(cfg)))
+        return 0
+    note = ""
+    if cfg.backbone.name == "tiny":
+        note = TINY_NOTE if cfg.backbone.pretrained == "synthetic" else RANDOM_TINY_NOTE
+    if args.resume and args.out is None:
+        raise TripError("--resume needs --out RUN_FOLDER: the folder of the run to continue")
+    return _execute(cfg, args.out or _default_out(args.config.stem), note=note, engine=args.engine,
+                    resume=args.resume)
 
 
-def _execute(cfg, out: Path, note: str) -> int:
+def _backbone_overrides(name: str | None) -> list[str]:
+    """--backbone as config overrides, before the --set ones (which win). 'tiny' cannot use a paper config's
+    weights, so it starts from random ones; --set backbone.pretrained=synthetic gives the demo's."""
+    if name is None:
+        return []
+    if name == "tiny":
+        return ["backbone.name=tiny", "backbone.pretrained=null", "backbone.quick_gelu=null"]
+    return [f"backbone.name={name}"]
+
+
+def _viz(args: argparse.Namespace) -> int:
+    from trip.viz import write_routing_maps
+
+    for path in write_routing_maps(args.images, load_config(args.config), args.out):
+        print(path)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from trip.report import write_report
+
+    for path in write_report(args.run_dirs, args.out, html_page=args.html):
+        print(path)
+    return 0
+
+
+def _execute(cfg, out: Path, note: str, engine: str = "inprocess", resume: bool = False) -> int:
     from trip.experiment import run_experiment
     from trip.results import table_rows, text_table
 
     start = time.perf_counter()
-    runs = run_experiment(cfg, out)
+    runs = run_experiment(cfg, out, engine=engine, resume=resume)
     print(f"\n{cfg.name}: target accuracy (%) per held-out domain, selected by source validation\n")
-    print(text_table(*table_rows(runs)))
+    print(text_table(*table_rows(runs, cfg.data.name)))
     print(f"\n{len(runs)} runs in {time.perf_counter() - start:.0f} s; run folder: {out}")
     if note:
         print(note)

@@ -30,6 +30,9 @@ class DataCfg(_Strict):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     images_per_class: int = Field(40, ge=2)  # synthetic only
     max_images_per_domain: int | None = Field(None, ge=4)  # subsample (seeded) for smoke tests
+    skip_bad_images: bool = False  # True: leave unreadable images out (counted in results.json); False: refuse
+    domainnet_splits: Literal["all", "official"] = "all"  # official: only images in <domain>_train/_test.txt
+    class_list: Literal["canonical", "folders"] = "canonical"  # folders: the copy's sorted class folder names
 
 
 class TrainCfg(_Strict):
@@ -43,6 +46,17 @@ class TrainCfg(_Strict):
     weight_decay: float = Field(0.01, ge=0)
 
 
+class OptimizerCfg(_Strict):
+    """A method's own optimizer. Unset fields fall back to `train`'s; its lr follows train's per-round
+    schedule (round r trains with lr * train.lr_decay**r)."""
+
+    name: Literal["adamw", "adam"] = "adamw"  # adam: L2 weight decay added to the gradient (torch.optim.Adam)
+    lr: float | None = Field(None, gt=0)
+    betas: tuple[float, float] | None = None
+    eps: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+
+
 class ZeroShotCfg(_Strict):
     name: Literal["zeroshot"]
     label: str | None = None
@@ -53,6 +67,7 @@ class PromptFLCfg(_Strict):
     name: Literal["promptfl"]
     label: str | None = None
     n_ctx: int = Field(16, ge=1)
+    optimizer: OptimizerCfg | None = None  # None: train's AdamW settings
 
 
 class TripCfg(_Strict):
@@ -77,6 +92,7 @@ class TripCfg(_Strict):
     bma: bool = True
     bma_beta: float = Field(0.2, gt=0)
     bma_include_init: bool = True
+    optimizer: OptimizerCfg | None = None  # None: train's AdamW settings
 
     @model_validator(mode="before")
     @classmethod
@@ -86,7 +102,27 @@ class TripCfg(_Strict):
         return data
 
 
-MethodCfg = Annotated[ZeroShotCfg | PromptFLCfg | TripCfg, Field(discriminator="name")]
+# FedCLIP's own optimizer (its code's defaults, spec §7.2).
+FEDCLIP_OPTIMIZER = {"name": "adam", "lr": 5e-5, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.2}
+
+
+class FedCLIPCfg(_Strict):
+    """FedCLIP (spec §7.2): an attention adapter on the frozen image feature, FedAvg'd."""
+
+    name: Literal["fedclip"]
+    label: str | None = None
+    # FedCLIP's Adam by default; a partial mapping changes only the keys it names; null: train's AdamW.
+    optimizer: OptimizerCfg | None = Field(default_factory=lambda: OptimizerCfg(**FEDCLIP_OPTIMIZER))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fedclip_optimizer(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("optimizer"), dict):
+            data = {**data, "optimizer": {**FEDCLIP_OPTIMIZER, **data["optimizer"]}}
+        return data
+
+
+MethodCfg = Annotated[ZeroShotCfg | PromptFLCfg | TripCfg | FedCLIPCfg, Field(discriminator="name")]
 
 
 class ExperimentCfg(_Strict):
@@ -107,7 +143,7 @@ class ExperimentCfg(_Strict):
         return self
 
 
-def method_label(method: ZeroShotCfg | PromptFLCfg | TripCfg) -> str:
+def method_label(method: ZeroShotCfg | PromptFLCfg | TripCfg | FedCLIPCfg) -> str:
     return method.label or method.name
 
 
@@ -130,7 +166,7 @@ def _explain(err: ValidationError) -> str:
 
 
 def _is_union_tag(part: Any) -> bool:
-    return part in ("zeroshot", "promptfl", "trip", "trip-lite")
+    return part in ("zeroshot", "promptfl", "trip", "trip-lite", "fedclip")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentCfg:

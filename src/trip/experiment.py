@@ -4,8 +4,10 @@ one run folder (config.yaml, rounds.jsonl, results.json, summary.md)."""
 from __future__ import annotations
 
 import json
+import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,12 +16,14 @@ from tqdm import tqdm
 
 from trip import results
 from trip.backbone import Backbone, cache_dir, load_backbone, resolve_device
+from trip.checkpoint import RunCheckpoints, run_key
 from trip.config import ExperimentCfg, dump_config, method_label
 from trip.data.datasets import DatasetSpec, dataset_root, get_dataset
-from trip.data.folder import Domain, scan_domain, split_indices, subsample
+from trip.data.folder import Domain, split_indices
+from trip.data.loading import load_domains
 from trip.errors import TripError
 from trip.features import DomainFeatures, FrozenStore
-from trip.federation.inprocess import Client, run_federation, select_round
+from trip.federation.inprocess import Client, FederationResult, RoundLogger, run_federation, select_round
 from trip.methods import build_method
 from trip.methods.base import Method, Split
 
@@ -34,6 +38,7 @@ class Workspace:
     domains: dict[str, Domain]
     frozen: dict[str, DomainFeatures]
     methods: list[Method]
+    skipped_images: dict[str, int] = field(default_factory=dict)  # unreadable images left out, per domain
 
     def split(self, domain: str, index) -> Split:
         f = self.frozen[domain]
@@ -41,16 +46,15 @@ class Workspace:
         dev = self.backbone.device
         return Split(F.normalize(f.features[idx], dim=-1).to(dev),
                      torch.as_tensor(self.domains[domain].labels[index]).to(dev),
-                     f.cls[idx].to(dev), {k: v[idx].to(dev) for k, v in f.routing.items()})
+                     f.cls[idx].to(dev), {k: v[idx].to(dev) for k, v in f.routing.items()},
+                     f.features[idx].norm(dim=-1).to(dev))
 
     def clients(self, target: str, seed: int) -> list[Client]:
-        out = []
-        for name in self.dataset.domains:
-            if name == target:
-                continue
-            train_idx, val_idx = split_indices(len(self.domains[name]), self.cfg.data.val_fraction, seed)
-            out.append(Client(name, self.split(name, train_idx), self.split(name, val_idx)))
-        return out
+        return [self.client(name, seed) for name in self.dataset.domains if name != target]
+
+    def client(self, name: str, seed: int) -> Client:
+        train_idx, val_idx = split_indices(len(self.domains[name]), self.cfg.data.val_fraction, seed)
+        return Client(name, self.split(name, train_idx), self.split(name, val_idx))
 
     def target(self, name: str) -> Split:
         return self.split(name, list(range(len(self.domains[name]))))
@@ -65,43 +69,122 @@ def targets_of(cfg: ExperimentCfg, spec: DatasetSpec) -> list[str]:
     return list(cfg.data.targets)
 
 
-def prepare(cfg: ExperimentCfg) -> Workspace:
+def prepare(cfg: ExperimentCfg, only: list[str] | None = None) -> Workspace:
+    """`only`: load just these domains (a Flower SuperNode holds one; a ServerApp may need none)."""
     spec = get_dataset(cfg.data.name)
     targets_of(cfg, spec)
+    names = [d for d in spec.domains if only is None or d in only]
+    root = dataset_root(spec, cfg.data.root, cfg.data.images_per_class, seed=0) if names else None
+    data = load_domains(spec, root, cfg.data, names)  # refuses unreadable images unless data.skip_bad_images
+    spec, domains = data.spec, data.domains
     device = resolve_device(cfg.device)
     backbone = load_backbone(cfg.backbone, device)
-    root = dataset_root(spec, cfg.data.root, cfg.data.images_per_class, seed=0)
-    domains = {d: subsample(scan_domain(root, d, spec.classes), cfg.data.max_images_per_domain, seed=0)
-               for d in spec.domains}
     methods = [build_method(m, backbone, spec.classes) for m in cfg.methods]
     needed = list(dict.fromkeys(s for m in methods for s in m.routing_specs()))
     store = FrozenStore(backbone, cache_dir())
     frozen = {d: store.load(spec.name, dom, needed) for d, dom in domains.items()}
-    return Workspace(cfg, backbone, spec, domains, frozen, methods)
+    return Workspace(cfg, backbone, spec, domains, frozen, methods, data.skipped_counts())
 
 
-def run_experiment(cfg: ExperimentCfg, out: Path) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
+Federate = Callable[[Method, str, int, RoundLogger], FederationResult]  # (method, target, seed, log)
+
+
+def run_experiment(cfg: ExperimentCfg, out: Path, *, engine: str = "inprocess", resume: bool = False) -> list[dict]:
+    """Runs every (seed, method, target) not already finished in `out`. A folder that holds a run of the
+    same config is continued (finished entries are kept, an interrupted in-process run resumes from its
+    last checkpoint); one that holds another config is refused. `resume` insists that there is one."""
+    runs = _claim_run_folder(cfg, out, resume)
     ws = prepare(cfg)
-    runs: list[dict] = []
-    rounds_file = (out / "rounds.jsonl").open("w")
-    try:
+    if engine == "flower":
+        from trip.federation.flower.engine import flower_federation
+
+        with flower_federation(ws, out) as federate:
+            return _run_all(ws, out, runs, federate)
+    return _run_all(ws, out, runs, _in_process(ws, out))
+
+
+def _in_process(ws: Workspace, out: Path) -> Federate:
+    def federate(method: Method, target: str, seed: int, log: RoundLogger) -> FederationResult:
+        checkpoints = RunCheckpoints(out / "checkpoints" / run_key(method.label, target, seed))
+        state = checkpoints.latest() if method.trainable else None
+        return run_federation(method, ws.clients(target, seed), ws.target(target), ws.cfg.train, seed, log,
+                              resume=state, on_round=checkpoints.save)
+
+    return federate
+
+
+def _run_all(ws: Workspace, out: Path, runs: list[dict], federate: Federate) -> list[dict]:
+    cfg = ws.cfg
+    done = {(r["method"], r["target"], r["seed"]) for r in runs}
+    with (out / "rounds.jsonl").open("a") as rounds_file:
         for seed in cfg.seeds:
             for method in ws.methods:
                 for target in targets_of(cfg, ws.dataset):
-                    runs.append(_run_one(ws, method, target, seed, rounds_file))
-                    results.write_results(out, cfg, runs)
-    finally:
-        rounds_file.close()
+                    if (method.label, target, seed) not in done:
+                        runs.append(_run_one(ws, method, target, seed, rounds_file, federate))
+                        results.write_results(out, cfg, runs, skipped_images=ws.skipped_images)
     results.write_summary(out, cfg, runs)
     return runs
 
 
-def _run_one(ws: Workspace, method: Method, target: str, seed: int, rounds_file) -> dict:
+def _claim_run_folder(cfg: ExperimentCfg, out: Path, resume: bool) -> list[dict]:
+    """Finished runs already in `out` (none for a new folder); rounds.jsonl trimmed to what the finished
+    runs and the checkpoints account for, so a resumed run never logs a round twice."""
+    config_file = out / "config.yaml"
+    if not config_file.is_file():
+        if resume:
+            raise TripError(f"--resume: {out} holds no run to continue (no config.yaml)")
+        if out.is_dir() and any(out.iterdir()):
+            raise TripError(f"output folder {out} is not empty and holds no trip run: choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(dump_config(cfg))
+        return []
+    if config_file.read_text() != dump_config(cfg):
+        raise TripError(f"output folder {out} holds a run of another config ({_config_diff(config_file, cfg)}): "
+                        f"choose another --out, or delete the folder to start over")
+    results_file = out / "results.json"
+    runs = json.loads(results_file.read_text())["runs"] if results_file.is_file() else []
+    _trim_rounds_log(out, runs)
+    return runs
+
+
+def _config_diff(config_file: Path, cfg: ExperimentCfg) -> str:
+    import yaml
+
+    def flat(d, prefix=""):
+        if isinstance(d, dict):
+            return {k2: v2 for k, v in d.items() for k2, v2 in flat(v, f"{prefix}{k}.").items()}
+        return {prefix.rstrip("."): d}
+
+    old, new = flat(yaml.safe_load(config_file.read_text())), flat(cfg.model_dump(mode="json"))
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return "differs in " + ", ".join(keys[:5]) + (" …" if len(keys) > 5 else "")
+
+
+def _trim_rounds_log(out: Path, runs: list[dict]) -> None:
+    log = out / "rounds.jsonl"
+    if not log.is_file():
+        return
+    finished = {run_key(r["method"], r["target"], r["seed"]) for r in runs}
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the crash
+        key = run_key(rec["method"], rec["target"], rec["seed"])
+        state = None if key in finished else RunCheckpoints(out / "checkpoints" / key).latest()
+        if key in finished or (state is not None and rec["round"] < state.next_round):
+            kept.append(line)
+    tmp = log.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, log)
+
+
+def _run_one(ws: Workspace, method: Method, target: str, seed: int, rounds_file, federate: Federate) -> dict:
     cfg = ws.cfg
     torch.manual_seed(seed)
-    clients = ws.clients(target, seed)
+    sources = [d for d in ws.dataset.domains if d != target]
     total = cfg.train.rounds if method.trainable else 1
     bar = tqdm(total=total, desc=f"{method.label:>12} | held out {target:<10} | seed {seed}", leave=False)
     key = {"method": method.label, "target": target, "seed": seed}
@@ -114,12 +197,12 @@ def _run_one(ws: Workspace, method: Method, target: str, seed: int, rounds_file)
         bar.update()
 
     start = time.perf_counter()
-    result = run_federation(method, clients, ws.target(target), cfg.train, seed, log)
+    result = federate(method, target, seed, log)
     bar.close()
     chosen = select_round(result.history, "bma" if method.uses_bma else "server")
     return {**key, **chosen, "comm_params_per_round": method.comm_params,
             "comm_bytes_per_round": 4 * method.comm_params, "rounds": len(result.history),
-            "clients": [c.domain for c in clients], "time_s": round(time.perf_counter() - start, 2),
+            "clients": sources, "time_s": round(time.perf_counter() - start, 2),
             "method_name": ws.cfg.methods[ws.methods.index(method)].name}
 
 

@@ -8,30 +8,47 @@ import statistics
 from pathlib import Path
 
 from trip.config import ExperimentCfg, method_label
+from trip.paper import PAPER_COMM, SOURCE, published
 
 
-def write_results(out: Path, cfg: ExperimentCfg, runs: list[dict]) -> None:
+def write_results(out: Path, cfg: ExperimentCfg, runs: list[dict],
+                  skipped_images: dict[str, int] | None = None) -> None:
+    """`skipped_images`: unreadable images left out per domain (data.skip_bad_images)."""
     doc = {"experiment": cfg.name, "dataset": cfg.data.name, "backbone": cfg.backbone.model_dump(),
-           "runs": runs}
+           "skipped_images": skipped_images or {}, "runs": runs}
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, out / "results.json")
 
 
-def table_rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Methods × targets (+ average) in %, mean ± std over seeds where there are several."""
+def table_rows(runs: list[dict], dataset: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """Methods × targets (+ average) in %, mean ± std over seeds where there are several. With `dataset`, a
+    method with published numbers (trip.paper) is followed by the paper's row and ours − paper."""
     targets = list(dict.fromkeys(r["target"] for r in runs))
     methods = list(dict.fromkeys(r["method"] for r in runs))
     header = ["method", *targets, "avg", "params/round"]
     rows = []
     for m in methods:
         mine = [r for r in runs if r["method"] == m]
-        cells = [_cell([r["acc"] for r in mine if r["target"] == t]) for t in targets]
+        per_target = [[r["acc"] for r in mine if r["target"] == t] for t in targets]
         seeds = sorted({r["seed"] for r in mine})
         per_seed_avg = [statistics.fmean(r["acc"] for r in mine if r["seed"] == s) for s in seeds
                         if len({r["target"] for r in mine if r["seed"] == s}) == len(targets)]
-        rows.append([m, *cells, _cell(per_seed_avg), f"{mine[0]['comm_params_per_round']:,}"])
+        rows.append([m, *map(_cell, per_target), _cell(per_seed_avg), f"{mine[0]['comm_params_per_round']:,}"])
+        paper = published(dataset, m) if dataset else None
+        if paper:
+            rows += _paper_rows(m, paper, targets, [*per_target, per_seed_avg])
     return header, rows
+
+
+def _paper_rows(label: str, paper: dict[str, float], targets: list[str],
+                ours: list[list[float]]) -> list[list[str]]:
+    """The published row and ours − paper per cell; the average only when we ran the paper's targets."""
+    theirs = [paper.get(t) for t in targets] + [paper["avg"]]
+    comparable = [*(p is not None for p in theirs[:-1]), set(targets) == set(paper) - {"avg"}]
+    diffs = [f"{statistics.fmean(o) - p:+.2f}" if o and ok else "—" for o, p, ok in zip(ours, theirs, comparable)]
+    return [[f"{label} (paper)", *("—" if p is None else f"{p:.2f}" for p in theirs), PAPER_COMM.get(label, "")],
+            [f"{label} (ours − paper)", *diffs, ""]]
 
 
 def _cell(values: list[float]) -> str:
@@ -56,7 +73,7 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict]) -> str:
-    header, rows = table_rows(runs)
+    header, rows = table_rows(runs, cfg.data.name)
     labels = ", ".join(method_label(m) for m in cfg.methods)
     text = "\n".join([
         f"# {cfg.name}",
@@ -70,6 +87,8 @@ def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict]) -> str:
         "",
         markdown_table(header, rows),
         "",
+        *([f"Rows \"(paper)\": {SOURCE}; \"(ours − paper)\" is our mean minus the published number.", ""]
+          if any(published(cfg.data.name, r["method"]) for r in runs) else []),
     ])
     (out / "summary.md").write_text(text)
     return text

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 SEED_STRIDE = 1_000_003  # per-image k-means seed = seed * SEED_STRIDE + image_id
-CPU_BLOCK_SIZE = 16  # images per k-means block on CPU: ~20 MB of fp32 CLIP tokens, cache-friendly
+CPU_BLOCK_SIZE = 32  # images per k-means block on CPU (measured: see benchmarks/bench_routing.py)
 
 
 @dataclass(frozen=True)
@@ -59,33 +59,55 @@ def capacities(num_tokens: int, num_clusters: int, capacity_factor: float) -> Te
     return cap
 
 
-def _greedy_capacity_assign(cost: Tensor, cap: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Preferred cluster per token, dropping overflow greedily in ascending-cost order. -> assign, counts."""
+def _stable_argsort(v: Tensor) -> Tensor:
+    """torch.argsort(v, dim=1, stable=True) for v [B, N] free of NaN. In fp32 on CPU: NumPy's SIMD sort of
+    unique int64 keys (order-preserving bits of v, then the index), which is 3-8x faster for N ~ 200."""
+    if v.device.type != "cpu" or v.dtype != torch.float32:
+        return torch.argsort(v, dim=1, stable=True)
+    bits = (v.numpy() + np.float32(0)).view(np.int32)  # + 0 maps -0.0 to +0.0: they compare equal
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64) << 32  # monotone in v
+    key |= np.arange(v.shape[1])
+    key.sort(axis=1)
+    return torch.from_numpy(key & 0xFFFFFFFF)
+
+
+def _greedy_capacity_assign(
+    cost: Tensor, cap: Tensor | None, clusters: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Preferred cluster per token, dropping overflow greedily in ascending-cost order. -> assign, counts.
+
+    clusters = arange(M) on cost's device (made here when not given)."""
     num_clusters = cost.shape[-1]
     best, pref = cost.min(dim=-1)  # [B, N]; ties -> first index
     if cap is None:
         return pref, F.one_hot(pref, num_clusters).sum(1)
-    order = torch.argsort(best, dim=1, stable=True)
+    if clusters is None:
+        clusters = torch.arange(num_clusters, device=cost.device)
+    order = _stable_argsort(best)
     pref_sorted = pref.gather(1, order)
-    onehot = F.one_hot(pref_sorted, num_clusters)  # [B, N, M]
-    # rank = 1-based position of a token among the tokens preferring the same cluster, in sorted order.
-    # The greedy loop keeps a token iff fewer than c_p tokens were kept in p before it. Dropped tokens
-    # consume no room, and a token is only dropped once p is full, so "kept before it" = min(rank - 1, c_p);
+    # rank[b, j, m] = number of tokens preferring m among the first j+1 in sorted order. The greedy loop
+    # keeps a token iff fewer than c_p tokens were kept in its cluster p before it. Dropped tokens consume
+    # no room, and a token is only dropped once p is full, so "kept before it" = min(rank - 1, c_p);
     # hence kept <=> rank <= c_p: the first c_p tokens preferring p are kept and the rest dropped.
-    rank = onehot.cumsum(1).gather(2, pref_sorted.unsqueeze(-1)).squeeze(-1)
-    kept = torch.empty_like(pref, dtype=torch.bool).scatter_(1, order, rank <= cap[pref_sorted])
-    return pref.masked_fill(~kept, -1), torch.minimum(onehot.sum(1), cap)
+    rank = (pref_sorted.unsqueeze(-1) == clusters).cumsum(1)  # [B, N, M]
+    kept = (rank <= cap).gather(2, pref_sorted.unsqueeze(-1)).squeeze(-1)
+    assign = torch.empty_like(pref).scatter_(1, order, torch.where(kept, pref_sorted, -1))
+    return assign, torch.minimum(rank[:, -1], cap)
 
 
-def _pad_for_cdist(x: Tensor) -> tuple[Tensor, bool]:
+def _pad_for_cdist(x: Tensor, out: Tensor | None = None) -> tuple[Tensor, bool]:
     """x [B, N, D] -> ([B, N, D+2] = (-2x, |x|², 1), True): torch.cdist's left matmul operand, built once
-    instead of at every iteration; (x, False) when N <= 25 (so M <= 25), where torch.cdist is direct."""
+    instead of at every iteration, in `out` when given; (copy of x, False) when N <= 25 (so M <= 25), where
+    torch.cdist is direct. Always a fresh buffer: the k-means moves images around in it."""
     if x.shape[1] <= 25:
-        return x, False
-    lhs = x.new_empty(*x.shape[:-1], x.shape[-1] + 2)
-    torch.mul(x, -2, out=lhs[..., :-2])
-    torch.sum(x.pow(2), dim=-1, out=lhs[..., -2])
-    lhs[..., -1] = 1
+        return x.clone(), False
+    d = x.shape[-1]
+    lhs = x.new_empty(*x.shape[:-1], d + 2) if out is None else out
+    # |x|² via the buffer (no token-sized temporary): the same reduction as x.pow(2).sum(-1), bit for bit.
+    torch.pow(x, 2, out=lhs[..., :d])
+    lhs[..., d] = lhs[..., :d].sum(-1)
+    torch.mul(x, -2, out=lhs[..., :d])
+    lhs[..., d + 1] = 1
     return lhs, True
 
 
@@ -98,61 +120,96 @@ def _cdist(xs: Tensor, padded: bool, mu: Tensor) -> Tensor:
 
 
 def _update_centroids(
-    xs: Tensor, padded: bool, dist: Tensor, assign: Tensor, counts: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Mean of kept tokens; an empty cluster takes the token farthest from the old centroids. -> mu, empty."""
+    xs: Tensor, padded: bool, dist: Tensor, assign: Tensor, counts: Tensor, clusters: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """Mean of kept tokens; an empty cluster takes the token farthest from the old centroids.
+    -> mu, empty ([B, M] bool; None when known to have no empty cluster, checked on CPU only: a sync)."""
     d = xs.shape[-1] - 2 if padded else xs.shape[-1]
     # Padded: use the -2x block and scale by -0.5. Scaling by a power of two commutes with rounding, so this
     # equals the mean of x bit for bit, and only one copy of the tokens is kept.
     feats, scale = xs[..., :d], (-0.5 if padded else 1.0)
-    clusters = torch.arange(counts.shape[-1], device=xs.device)
     member = (assign.unsqueeze(1) == clusters[:, None]).to(xs.dtype)  # [B, M, N]; dropped tokens in none
     mu = (member @ feats) * scale / counts.clamp_min(1).unsqueeze(-1).to(xs.dtype)
+    empty = counts == 0
+    if xs.device.type == "cpu" and not bool(empty.any()):
+        return mu, None
     far = dist.amin(dim=-1).argmax(dim=1)  # [B]; two empty clusters get the same token
     far_x = feats.gather(1, far[:, None, None].expand(-1, 1, d)) * scale  # [B, 1, D]
-    empty = counts == 0
     return torch.where(empty.unsqueeze(-1), far_x, mu), empty
 
 
-def _kmeans_block(
-    x: Tensor, init_index: Tensor, cap: Tensor | None, max_iters: int, eta: float, tol: float
-) -> KMeansResult:
-    """capacity_kmeans on one block of images, x [B, N, D] in the compute dtype."""
-    b, n, d = x.shape
-    m, dev = init_index.shape[1], x.device
-    out_assign = torch.empty(b, n, dtype=torch.int64, device=dev)
-    out_counts = torch.empty(b, m, dtype=torch.int64, device=dev)
-    out_mu = torch.empty(b, m, d, dtype=x.dtype, device=dev)
-    out_iters = torch.empty(b, dtype=torch.int64, device=dev)
+@dataclass
+class _Outputs:
+    """Results of a block, written image by image as each one converges."""
 
-    # Working set: images idx (live = not yet converged); it shrinks once half of it has converged.
-    idx, live = torch.arange(b, device=dev), torch.ones(b, dtype=torch.bool, device=dev)
+    assign: Tensor  # [B, N]
+    counts: Tensor  # [B, M]
+    centroids: Tensor  # [B, M, D]
+    iterations: Tensor  # [B]
+
+    @classmethod
+    def empty(cls, x: Tensor, m: int) -> _Outputs:
+        b, n, d = x.shape
+        i64 = {"dtype": torch.int64, "device": x.device}
+        return cls(torch.empty(b, n, **i64), torch.empty(b, m, **i64), x.new_empty(b, m, d), torch.empty(b, **i64))
+
+    def record(self, images: Tensor, rows: Tensor, assign: Tensor, counts: Tensor, mu: Tensor, it: int) -> None:
+        """images[i] = image id of working row rows[i] (a bool mask or indices)."""
+        self.assign[images] = assign[rows]
+        self.counts[images] = counts[rows]
+        self.centroids[images] = mu[rows]
+        self.iterations[images] = it
+
+
+def _compact(done: Tensor, xs: Tensor) -> Tensor:
+    """Move the live images at the tail of xs into the rows of the done ones, so that the live images are
+    the prefix xs[:n_live] and converged images cost nothing. -> order [n_live]: old row of each new row."""
+    n_live = done.numel() - int(done.sum())
+    holes = done[:n_live].nonzero().squeeze(1)
+    src = (~done[n_live:]).nonzero().squeeze(1) + n_live
+    for h, i in zip(holes.tolist(), src.tolist(), strict=True):  # on CPU faster than one indexed copy
+        xs[h].copy_(xs[i])
+    order = torch.arange(n_live, device=done.device)
+    order[holes] = src
+    return order
+
+
+def _kmeans_block(
+    x: Tensor, init_index: Tensor, cap: Tensor | None, max_iters: int, eta: float, tol: float,
+    buf: Tensor | None = None,
+) -> KMeansResult:
+    """capacity_kmeans on one block of images, x [B, N, D] in the compute dtype (buf: scratch for the
+    padded tokens). The live images are the first rows of the working set: a converged image leaves it
+    at once (its tokens are overwritten by a live one), so it costs nothing in later iterations."""
+    b, _, d = x.shape
+    m, dev = init_index.shape[1], x.device
+    clusters = torch.arange(m, device=dev)
+    out = _Outputs.empty(x, m)
+    image = torch.arange(b, device=dev)  # image id of each working row
     mu = x.gather(1, init_index.unsqueeze(-1).expand(-1, -1, d))
-    xs, padded = _pad_for_cdist(x)
+    xs, padded = _pad_for_cdist(x, buf)
     lam = torch.zeros(b, m, dtype=torch.float32, device=dev)
-    for it in range(max_iters):
-        dist = _cdist(xs, padded, mu)  # [b', N, M]
-        assign, counts = _greedy_capacity_assign(dist if cap is None else dist + lam.unsqueeze(1), cap)
+    for it in range(1, max_iters + 1):
+        xl = xs[: len(image)]
+        dist = _cdist(xl, padded, mu)  # [b', N, M]
+        assign, counts = _greedy_capacity_assign(dist if cap is None else dist + lam.unsqueeze(1), cap, clusters)
         if cap is not None:
             lam = lam + eta * (counts - cap)
-        new_mu, empty = _update_centroids(xs, padded, dist, assign, counts)
-        lam = lam.masked_fill(empty, 0.0)
+        new_mu, empty = _update_centroids(xl, padded, dist, assign, counts, clusters)
+        if empty is not None:
+            lam = lam.masked_fill(empty, 0.0)
         converged = torch.linalg.vector_norm(new_mu - mu, dim=-1).mean(-1) < tol
-        done = live if it == max_iters - 1 else live & converged
-        if bool(done.any()):
-            sel = idx[done]
-            out_assign[sel] = assign[done]
-            out_counts[sel] = counts[done]
-            out_mu[sel] = torch.where(converged[:, None, None], mu, new_mu)[done]
-            out_iters[sel] = it + 1
-            live = live & ~done
-            n_live = int(live.sum())
-            if n_live == 0:
+        if it == max_iters:
+            out.record(image, slice(None), assign, counts, torch.where(converged[:, None, None], mu, new_mu), it)
+            break
+        if bool(converged.any()):
+            out.record(image[converged], converged, assign, counts, mu, it)  # the old centroids, as official
+            if bool(converged.all()):
                 break
-            if 2 * n_live <= live.numel():
-                idx, xs, new_mu, lam, live = idx[live], xs[live], new_mu[live], lam[live], live[live]
+            order = _compact(converged, xs)
+            image, new_mu, lam = image[order], new_mu[order], lam[order]
         mu = new_mu
-    return KMeansResult(out_assign, out_mu, out_counts, out_iters)
+    return KMeansResult(out.assign, out.centroids, out.counts, out.iterations)
 
 
 def capacity_kmeans(
@@ -185,8 +242,9 @@ def capacity_kmeans(
     if cap is not None and int(cap.sum()) == 0:
         raise ValueError(f"capacity factor {capacity_factor} leaves no room for any of the {n} tokens")
     block = block_size or (CPU_BLOCK_SIZE if x.device.type == "cpu" else b)
+    buf = x.new_empty(min(block, b), n, x.shape[-1] + 2) if n > 25 else None  # reused by every block
     parts = [
-        _kmeans_block(xb, ib, cap, max_iters, eta, tol)
+        _kmeans_block(xb, ib, cap, max_iters, eta, tol, None if buf is None else buf[: len(xb)])
         for xb, ib in zip(x.split(block), init_index.split(block), strict=True)
     ]
     if len(parts) == 1:

@@ -37,7 +37,8 @@ def scan_domain(dataset_root: Path, domain: str, classes: tuple[str, ...]) -> Do
     if missing or extra:
         raise TripError(f"class folders of {folder} do not match the canonical class list: "
                         f"missing {missing or 'none'}, unexpected {extra or 'none'}. Rename or add the "
-                        f"folders so that each class has exactly one (`trip data verify`)")
+                        f"folders so that each class has exactly one (`trip data verify`), or set "
+                        f"data.class_list: folders to take the class list from your copy's folder names")
     paths, labels = [], []
     for label, cls in enumerate(classes):
         files = sorted(p.name for p in (folder / cls).iterdir()

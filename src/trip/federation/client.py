@@ -10,7 +10,12 @@ import torch
 
 from trip.config import TrainCfg
 from trip.errors import TripError
+from trip.federation.optim import make_optimizer
 from trip.methods.base import Method, Split
+
+
+class NonFiniteError(TripError):
+    """A client's loss or parameters became NaN/inf: its update is dropped, the global state is untouched."""
 
 
 @dataclass
@@ -27,10 +32,10 @@ def round_seed(seed: int, round_idx: int, client_idx: int) -> int:
 
 def client_update(method: Method, global_params: dict[str, torch.Tensor], train: Split, cfg: TrainCfg,
                   lr: float, seed: int, *, where: str = "client") -> ClientUpdate:
-    """Local epochs of AdamW from the global params; a new optimizer every round (spec B3)."""
+    """Local epochs from the global params with train's AdamW, or the method's own optimizer where its config
+    names one; a new optimizer every round (spec B3)."""
     params = {k: v.detach().clone().float().requires_grad_(True) for k, v in global_params.items()}
-    opt = torch.optim.AdamW(params.values(), lr=lr, betas=cfg.betas, eps=cfg.eps,
-                            weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params.values(), cfg, getattr(method.cfg, "optimizer", None), lr)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for epoch in range(cfg.local_epochs):
@@ -39,7 +44,7 @@ def client_update(method: Method, global_params: dict[str, torch.Tensor], train:
             batch = train.take(order[start:start + cfg.batch_size].to(train.labels.device))
             loss = method.loss(params, batch)
             if not torch.isfinite(loss):
-                raise TripError(f"non-finite loss ({loss.item()}) at {where}, epoch {epoch}, step {step}: "
+                raise NonFiniteError(f"non-finite loss ({loss.item()}) at {where}, epoch {epoch}, step {step}: "
                                 f"the global state was not changed. Lower train.lr or check the data")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -47,7 +52,7 @@ def client_update(method: Method, global_params: dict[str, torch.Tensor], train:
             losses.append(loss.item())
     out = {k: v.detach() for k, v in params.items()}
     if not all(torch.isfinite(v).all() for v in out.values()):
-        raise TripError(f"non-finite parameters after local training at {where}: update discarded")
+        raise NonFiniteError(f"non-finite parameters after local training at {where}: update discarded")
     return ClientUpdate(out, len(train), sum(losses) / max(1, len(losses)))
 
 

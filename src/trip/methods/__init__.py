@@ -4,13 +4,14 @@ which engine runs it."""
 from __future__ import annotations
 
 from trip.backbone import Backbone
-from trip.config import PromptFLCfg, TripCfg, ZeroShotCfg
+from trip.config import FedCLIPCfg, PromptFLCfg, TripCfg, ZeroShotCfg
 from trip.methods.base import Method
+from trip.methods.fedclip import FedCLIP
 from trip.methods.promptfl import PromptFL
 from trip.methods.trip import Trip
 from trip.methods.zeroshot import ZeroShot
 
-_BY_CFG = {ZeroShotCfg: ZeroShot, PromptFLCfg: PromptFL, TripCfg: Trip}
+_BY_CFG = {ZeroShotCfg: ZeroShot, PromptFLCfg: PromptFL, TripCfg: Trip, FedCLIPCfg: FedCLIP}
 
 
 def build_method(cfg, backbone: Backbone, class_names: tuple[str, ...]) -> Method:

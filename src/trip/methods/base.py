@@ -18,17 +18,19 @@ class Split:
     labels: torch.Tensor  # [n] int64
     cls: torch.Tensor  # [n, Dv] final-block CLS token
     routing: dict[str, torch.Tensor] = field(default_factory=dict)  # RoutingSpec.key() -> [n, M]
+    norms: torch.Tensor | None = None  # [n] feature norms before normalisation (FedCLIP's adapter input)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, idx: torch.Tensor | slice) -> Split:
         return Split(self.features[idx], self.labels[idx], self.cls[idx],
-                     {k: v[idx] for k, v in self.routing.items()})
+                     {k: v[idx] for k, v in self.routing.items()}, None if self.norms is None else self.norms[idx])
 
     def to(self, device: torch.device) -> Split:
         return Split(self.features.to(device), self.labels.to(device), self.cls.to(device),
-                     {k: v.to(device) for k, v in self.routing.items()})
+                     {k: v.to(device) for k, v in self.routing.items()},
+                     None if self.norms is None else self.norms.to(device))
 
 
 class Method:

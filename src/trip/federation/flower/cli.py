@@ -1,0 +1,120 @@
+"""`trip flower ...`: the deployment tools (docs/deploy.md). Imports stay light until a command runs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    flower = sub.add_parser("flower", help="run trip on a Flower deployment (docs/deploy.md)")
+    cmds = flower.add_subparsers(dest="flower_command", required=True)
+
+    certs = cmds.add_parser("certs", help="make a CA, the SuperLink's TLS certificate and SuperNode keys")
+    certs.add_argument("dir", type=Path)
+    certs.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
+                       help="a name or IP the SuperNodes use to reach the SuperLink (repeatable; "
+                            "localhost and 127.0.0.1 are always included)")
+    certs.add_argument("--nodes", type=int, default=4, help="SuperNode key pairs to make (default 4)")
+    certs.set_defaults(func=_certs)
+
+    link = cmds.add_parser("superlink", help="start a SuperLink with TLS and SuperNode authentication")
+    link.add_argument("--certs", type=Path, required=True, help="folder of `trip flower certs`")
+    link.add_argument("--host", default="0.0.0.0")
+    link.add_argument("--port", type=int, default=9092)
+    link.add_argument("--database", default=None, help="SQLite file for the SuperLink state (default: memory)")
+    link.set_defaults(func=_superlink)
+
+    node = cmds.add_parser("supernode", help="start this site's SuperNode (one domain) and its warm worker")
+    node.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    node.add_argument("--ca", type=Path, required=True, help="the federation's ca.crt")
+    node.add_argument("--key", type=Path, required=True, help="this site's private key (node<i>.key)")
+    node.add_argument("--domain", required=True, help="the domain this site holds, e.g. sketch")
+    node.add_argument("--data-root", type=Path, required=True, help="folder holding the data set folder")
+    node.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode Runtime API")
+    node.set_defaults(func=_supernode)
+
+    worker = cmds.add_parser("worker", help="serve the ClientApp tasks of a SuperNode started with "
+                                            "--isolation process, keeping the CLIP in memory")
+    worker.add_argument("--runtime-api", required=True, metavar="HOST:PORT")
+    worker.add_argument("--root-certificates", default=None, help="CA of a TLS Runtime API")
+    worker.set_defaults(func=_worker)
+
+    rc = cmds.add_parser("run-config", help="write the run config (TOML) of one run for `flwr run --run-config`")
+    rc.add_argument("config", type=Path)
+    rc.add_argument("--target", required=True, help="the held-out domain")
+    rc.add_argument("--seed", type=int, help="default: the config's first seed")
+    rc.add_argument("--method", help="a method label of the config (default: the first method)")
+    rc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    rc.add_argument("--out-dir", default="", help="where the ServerApp writes its results (SuperLink machine)")
+    rc.add_argument("--min-clients", type=int, default=0, help="valid updates a round needs (0: all sources)")
+    rc.add_argument("--round-timeout", type=float, default=600.0)
+    rc.add_argument("-o", "--output", type=Path, default=Path("run.toml"))
+    rc.set_defaults(func=_run_config)
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from trip.federation.flower.certs import make_certs
+
+    for path in make_certs(args.dir, args.host, args.nodes):
+        print(path)
+    return 0
+
+
+def _superlink(args: argparse.Namespace) -> int:
+    from trip.federation.flower.local import BIN, FLOWER_ENV
+
+    c = args.certs
+    cmd = [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile",
+           str(c / "server.pem"), "--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth",
+           "--host", args.host, "--port", str(args.port)]
+    if args.database:
+        cmd += ["--database", args.database]
+    print(" ".join(cmd), flush=True)
+    os.execve(cmd[0], cmd, {**os.environ, **FLOWER_ENV})
+
+
+def _supernode(args: argparse.Namespace) -> int:
+    from trip.federation.flower.local import BIN, FLOWER_ENV, terminate
+
+    node_config = f'domain="{args.domain}" data-root="{args.data_root.resolve()}"'
+    supernode = [str(BIN / "flower-supernode"), "--superlink", args.superlink, "--root-certificates",
+                 str(args.ca), "--auth-supernode-private-key", str(args.key), "--isolation", "process",
+                 "--host", "127.0.0.1", "--port", str(args.runtime_port), "--node-config", node_config]
+    worker = [sys.executable, "-m", "trip.cli", "flower", "worker", "--runtime-api",
+              f"127.0.0.1:{args.runtime_port}"]
+    env = {**os.environ, **FLOWER_ENV}
+    print(" ".join(supernode), flush=True)
+    procs = [subprocess.Popen(cmd, env=env, start_new_session=True) for cmd in (supernode, worker)]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        return next(p.returncode for p in procs if p.returncode is not None)
+    finally:
+        terminate(procs)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import trip.federation.flower.client_app  # noqa: F401 - import torch and open_clip now, not at the first message
+    from trip.federation.flower.worker import serve
+
+    serve(args.runtime_api, args.root_certificates)
+    return 0
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    from trip.config import load_config, method_label
+    from trip.federation.flower.protocol import RunSpec, write_run_config
+
+    cfg = load_config(args.config, args.overrides)
+    method = args.method or method_label(cfg.methods[0])
+    seed = cfg.seeds[0] if args.seed is None else args.seed
+    spec = RunSpec(cfg, seed, method, args.target, args.out_dir, args.min_clients, args.round_timeout)
+    print(write_run_config(spec, args.output))
+    return 0

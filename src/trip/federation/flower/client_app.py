@@ -1,0 +1,78 @@
+"""The ClientApp: a SuperNode holds one domain; it trains the communicated tensors exactly as the in-process
+engine's client (same split, same seed, same client index) and replies with those tensors only.
+
+Messages: `query` (which domain do you hold?), `train` (arrays + lr, reply: arrays + num-examples) and
+`evaluate` (the server and BMA models, reply: accuracy on the node's validation split, or on its whole domain
+when it holds the held-out one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from trip.experiment import Workspace
+from trip.federation.client import accuracy, client_update, round_seed
+from trip.federation.flower import node
+from trip.federation.flower.protocol import MODELS, RunSpec, from_record, node_domain, to_record
+from trip.methods.base import Method, Split
+
+app = ClientApp()
+
+
+@dataclass
+class Site:
+    """This node in this run: its domain, data and method."""
+
+    spec: RunSpec
+    domain: str
+    ws: Workspace
+    method: Method
+
+    @classmethod
+    def of(cls, context: Context) -> Site:
+        spec = RunSpec.from_run_config(context.run_config)
+        domain = node_domain(context.node_config, spec)
+        data_root = context.node_config.get("data-root")
+        ws = node.workspace(spec.cfg, [domain], str(data_root) if data_root else None)
+        return cls(spec, domain, ws, node.method_of(ws, spec.method))
+
+    @property
+    def client_idx(self) -> int:
+        return self.spec.sources.index(self.domain)
+
+    def eval_split(self) -> Split:
+        if self.domain == self.spec.target:
+            return self.ws.target(self.domain)
+        return self.ws.client(self.domain, self.spec.seed).val
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    site = Site.of(context)
+    return Message(RecordDict({"node": ConfigRecord({"domain": site.domain})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = Site.of(context)
+    config = msg.content["config"]
+    r = int(config["server-round"]) - 1
+    params = from_record(msg.content["arrays"], site.ws.backbone.device)
+    split = site.ws.client(site.domain, site.spec.seed).train
+    update = client_update(site.method, params, split, site.spec.cfg.train, float(config["lr"]),
+                           round_seed(site.spec.seed, r, site.client_idx), where=f"client {site.domain}, round {r}")
+    metrics = MetricRecord({"num-examples": update.num_examples, "train-loss": update.loss})
+    return Message(RecordDict({"arrays": to_record(update.params), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    site = Site.of(context)
+    split = site.eval_split()
+    dev = site.ws.backbone.device
+    acc = {name: accuracy(site.method, from_record(msg.content[name], dev), split)
+           for name in MODELS if name in msg.content.array_records}
+    metrics = MetricRecord({**{f"acc-{k}": v for k, v in acc.items()}, "num-examples": len(split)})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,83 @@
+"""`trip run --engine flower`: each (seed, method, held-out domain) of an experiment is one Flower run on a local
+federation: a SuperLink and one SuperNode per source domain on 127.0.0.1 (SuperNode i holds the i-th source
+domain of the run's held-out one: `partition-id=i`). The ServerApp writes each run's rounds and final models
+under <run folder>/flower/<method>-<target>-seed<seed>/; this side forwards the rounds as they come, checks the
+run's status with `flwr list`, and returns what the in-process engine returns."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from trip.config import ExperimentCfg
+from trip.errors import TripError
+from trip.experiment import Workspace
+from trip.federation.flower.local import LocalFederation, Tls
+from trip.federation.flower.protocol import RunSpec, write_run_config
+from trip.federation.inprocess import FederationResult, RoundLogger
+from trip.methods.base import Method
+
+
+@contextmanager
+def flower_federation(ws: Workspace, out: Path, tls: Tls | None = None) -> Iterator[FlowerRuns]:
+    """A local federation for the experiment of `ws`, stopped on exit. Prepare `ws` first: the SuperNodes and
+    ServerApps then load the frozen features from the cache instead of computing them at once."""
+    n = len(ws.dataset.domains) - 1
+    configs = [f"partition-id={i} num-partitions={n}" for i in range(n)]
+    with LocalFederation(configs, out / "flower" / "logs", tls) as fed:
+        yield FlowerRuns(fed, ws.cfg, out / "flower")
+
+
+class FlowerRuns:
+    """Called as the in-process engine is: (method, held-out domain, seed, log) -> FederationResult."""
+
+    def __init__(self, fed: LocalFederation, cfg: ExperimentCfg, root: Path, **run_options):
+        self.fed, self.cfg, self.root, self.run_options = fed, cfg, root, run_options
+
+    def __call__(self, method: Method, target: str, seed: int, log: RoundLogger) -> FederationResult:
+        run_dir = (self.root / f"{method.label}-{target}-seed{seed}").resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("rounds.jsonl", "result.json"):
+            (run_dir / stale).unlink(missing_ok=True)
+        spec = RunSpec(self.cfg, seed, method.label, target, out_dir=str(run_dir), **self.run_options)
+        run_id = self.fed.submit(write_run_config(spec, run_dir / "run_config.toml"))
+        rounds = RoundTail(run_dir / "rounds.jsonl", log)
+        status, details = self.fed.wait(run_id, on_tick=rounds.poll)
+        if status != "finished:completed":
+            raise TripError(f"Flower run {run_id} ({method.label}, held out {target}, seed {seed}) ended "
+                            f"{status}: {details}\nServerApp log (tail):\n{self.fed.log_tail(run_id)}\n"
+                            f"SuperLink and SuperNode logs: {self.fed.logs}")
+        return FederationResult(rounds.records, read_models(run_dir / "models.safetensors"))
+
+
+class RoundTail:
+    """The records of a rounds.jsonl that the ServerApp is writing, passed on line by line."""
+
+    def __init__(self, path: Path, log: RoundLogger):
+        self.path, self.log = path, log
+        self.records: list[dict] = []
+
+    def poll(self) -> bool:
+        """Pass on the new records; True once the ServerApp has written its result (the run is ending)."""
+        if self.path.is_file():
+            lines = self.path.read_text().split("\n")[:-1]  # complete lines only
+            for line in lines[len(self.records):]:
+                record = json.loads(line)
+                self.records.append(record)
+                self.log(record)
+        return self.path.with_name("result.json").is_file()
+
+
+def read_models(path: Path) -> dict[str, dict]:
+    """models.safetensors ("server/experts", "bma/experts", ...) as {"server": {...}, "bma": {...}}."""
+    with safe_open(str(path), "pt") as f:
+        models: dict[str, dict] = {name: {} for name in f.metadata()["models"].split(",")}
+    for key, value in load_file(path).items():
+        model, name = key.split("/", 1)
+        models.setdefault(model, {})[name] = value
+    return models

@@ -1,0 +1,252 @@
+"""A real Flower federation on 127.0.0.1: one `flower-superlink` and N `flower-supernode` processes (each served
+by a warm trip worker), with their own temporary FLWR_HOME and free ports, driven with the `flwr` CLI
+(`flwr run`, `flwr list`, `flwr log`), optionally over TLS with SuperNode authentication. The same path as a
+deployment, without ray. Every process it starts is stopped on exit, with everything they started."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from trip.errors import TripError
+from trip.federation.flower.protocol import APP_DIR
+
+CONNECTION = "trip-local"
+BIN = Path(sys.executable).parent  # flwr's commands live beside the interpreter that runs trip
+FLOWER_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
+              "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Files of `trip flower certs`: the CA, the SuperLink's certificate and key, and SuperNode keys."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    node_keys: tuple[Path, ...]  # private keys; the public key of each is beside it (.pub)
+
+    @classmethod
+    def from_dir(cls, folder: Path, nodes: int) -> Tls:
+        keys = tuple(folder / f"node{i}.key" for i in range(nodes))
+        tls = cls(folder / "ca.crt", folder / "server.pem", folder / "server.key", keys)
+        missing = [p for p in (tls.ca, tls.cert, tls.key, *keys) if not p.is_file()]
+        if missing:
+            raise TripError(f"missing TLS files {[str(p) for p in missing]}: run `trip flower certs {folder} "
+                            f"--nodes {nodes}`")
+        return tls
+
+
+def trip_worker(node: int, runtime_api: str) -> list[str]:
+    """The command that serves SuperNode `node`'s ClientApp tasks: trip's warm worker."""
+    return [sys.executable, "-m", "trip.cli", "flower", "worker", "--runtime-api", runtime_api]
+
+
+class LocalFederation:
+    def __init__(self, node_configs: list[str], logs: Path, tls: Tls | None = None,
+                 worker: Callable[[int, str], list[str]] = trip_worker):
+        self.node_configs, self.logs, self.tls, self.worker = node_configs, logs, tls, worker
+        self.home = Path(tempfile.mkdtemp(prefix="trip-flwr-home-"))
+        # flwr's commands are found on PATH by the SuperLink (it starts `flower-superexec`, which starts
+        # `flwr-serverapp`); its executor looks for a new run every second by default
+        self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.superlink: subprocess.Popen | None = None
+        self.nodes: list[list[subprocess.Popen]] = []  # per node: the SuperNode and its worker
+
+    def __enter__(self) -> LocalFederation:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        self.superlink = self._spawn("superlink", [str(BIN / "flower-superlink"), "--host", "127.0.0.1",
+                                                   "--port", str(port), *self._superlink_tls()])
+        self._write_connection()
+        wait_for_port(port, self.superlink, self.logs / "superlink.log")
+        if self.tls:
+            for key in self.tls.node_keys[:len(self.node_configs)]:
+                self.flwr("supernode", "register", str(key.with_suffix(".pub")), CONNECTION)
+        for i in range(len(self.node_configs)):
+            self.nodes.append(self._start_node(i))
+
+    def _superlink_tls(self) -> list[str]:
+        if self.tls is None:
+            return ["--insecure"]
+        return ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
+                "--ssl-keyfile", str(self.tls.key), "--enable-supernode-auth"]
+
+    def _start_node(self, i: int) -> list[subprocess.Popen]:
+        port = free_port()
+        tls = (["--root-certificates", str(self.tls.ca), "--auth-supernode-private-key", str(self.tls.node_keys[i])]
+               if self.tls else ["--insecure"])
+        supernode = self._spawn(f"supernode{i}", [
+            str(BIN / "flower-supernode"), "--superlink", self.address, "--isolation", "process",
+            "--host", "127.0.0.1", "--port", str(port), "--node-config", self.node_configs[i], *tls])
+        return [supernode, self._spawn(f"worker{i}", self.worker(i, f"127.0.0.1:{port}"))]
+
+    def _write_connection(self) -> None:
+        tls = f'root-certificates = "{self.tls.ca}"' if self.tls else "insecure = true"
+        (self.home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+                                               f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{tls}\n')
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("ab")
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+
+    # --- runs -------------------------------------------------------------------------------------------
+
+    def flwr(self, *args: str) -> str:
+        """Run a `flwr` command against this federation; its stdout."""
+        res = subprocess.run([str(BIN / "flwr"), *args], env=self.env, capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise TripError(f"`flwr {' '.join(args[:2])}` failed ({res.returncode}): {res.stderr[-2000:]}"
+                            f"{res.stdout[-2000:]}")
+        return res.stdout
+
+    def submit(self, run_config: Path) -> int:
+        out = self.flwr("run", str(APP_DIR), CONNECTION, "--run-config", str(run_config), "--format", "json")
+        return int(_last_json(out)["run-id"])
+
+    def status(self, run_id: int) -> tuple[str, str]:
+        run = _last_json(self.flwr("list", CONNECTION, "--run-id", str(run_id), "--format", "json"))["runs"][0]
+        return run["status"], run.get("status-details", "")
+
+    def wait(self, run_id: int, on_tick: Callable[[], bool] = lambda: False, poll: float = 0.5,
+             status_every: float = 5.0) -> tuple[str, str]:
+        """Block until the run finishes; its (status, details), e.g. ("finished:completed", ""). `on_tick` runs
+        every `poll` s; the status is asked when it returns True (the run looks done) or every `status_every` s
+        (each `flwr list` is a process: on a small machine it competes with the run)."""
+        asked = -math.inf
+        while True:
+            looks_done = on_tick()
+            if looks_done or time.monotonic() - asked >= status_every:
+                asked = time.monotonic()
+                status, details = self.status(run_id)
+                if status.startswith("finished"):
+                    on_tick()
+                    return status, details
+            self._check_alive()
+            time.sleep(poll)
+
+    def log_tail(self, run_id: int, chars: int = 4000) -> str:
+        try:
+            return self.flwr("log", str(run_id), CONNECTION, "--show")[-chars:]
+        except (TripError, subprocess.TimeoutExpired) as err:
+            return f"(no log: {err})"
+
+    def _check_alive(self) -> None:
+        if self.superlink is not None and self.superlink.poll() is not None:
+            raise TripError(f"the SuperLink exited ({self.superlink.returncode}); see {self.logs / 'superlink.log'}")
+
+    # --- stopping ------------------------------------------------------------------------------------
+
+    def kill_node(self, i: int, sig: int = signal.SIGTERM) -> None:
+        """Stop SuperNode i and its worker (SIGTERM: the SuperNode leaves the federation as a node that shuts
+        down does; SIGKILL: a crash, seen by the SuperLink when its heartbeats stop)."""
+        terminate(self.nodes[i], sig)
+
+    def stop(self) -> None:
+        for procs in self.nodes:
+            terminate(procs)
+        if self.superlink is not None:
+            terminate([self.superlink])
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def terminate(procs: list[subprocess.Popen], sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
+    """Stop the processes, their process groups and every descendant (the SuperLink starts its executor in
+    a session of its own)."""
+    pids = [p.pid for p in procs if p.poll() is None]
+    pids += [d for pid in pids for d in descendants(pid)]
+    for pid in pids:
+        _signal(pid, sig)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        for p in procs:
+            p.poll()
+        time.sleep(0.1)
+    for pid in pids:
+        _signal(pid, signal.SIGKILL)
+    for p in procs:
+        p.wait()
+
+
+def _signal(pid: int, sig: int) -> None:
+    for send in (lambda: os.killpg(pid, sig), lambda: os.kill(pid, sig)):
+        try:
+            send()
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TripError(f"the SuperLink exited at start ({proc.returncode}): {log.read_text()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TripError(f"the SuperLink did not listen on port {port} within {timeout:g} s; see {log}")
+
+
+def _last_json(text: str) -> dict:
+    """The JSON object the `flwr` CLI prints with --format json (after any other output)."""
+    start = text.find("{")
+    if start < 0:
+        raise TripError(f"no JSON in the flwr output: {text[-1000:]}")
+    return json.loads(text[start:])

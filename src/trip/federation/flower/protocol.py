@@ -1,0 +1,105 @@
+"""What the ServerApp and the ClientApps of trip agree on: the run config, the records of a message, and
+which domain a SuperNode holds."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, UserConfig
+
+from trip.config import ExperimentCfg, method_label, parse_config
+from trip.data.datasets import get_dataset
+from trip.errors import TripError
+
+APP_DIR = Path(__file__).parent / "app"  # the Flower App that `flwr run` bundles
+MODELS = ("server", "bma")  # names of the models a round evaluates (as the in-process engine)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One Flower run: one (seed, method, held-out domain) of an experiment."""
+
+    cfg: ExperimentCfg
+    seed: int
+    method: str  # a method label of cfg
+    target: str
+    out_dir: str = ""
+    min_clients: int = 0  # 0: every source domain
+    round_timeout: float = 600.0
+    connect_timeout: float = 120.0
+
+    @property
+    def sources(self) -> list[str]:
+        """The source domains in canonical order: a client's index in this list seeds its batches."""
+        return [d for d in get_dataset(self.cfg.data.name).domains if d != self.target]
+
+    @property
+    def required_clients(self) -> int:
+        return self.min_clients or len(self.sources)
+
+    def run_config(self) -> dict[str, str | int | float]:
+        return {"experiment": self.cfg.model_dump_json(), "seed": self.seed, "method": self.method,
+                "target": self.target, "out-dir": self.out_dir, "min-clients": self.min_clients,
+                "round-timeout": self.round_timeout, "connect-timeout": self.connect_timeout}
+
+    @classmethod
+    def from_run_config(cls, rc: UserConfig) -> RunSpec:
+        if not rc.get("experiment"):
+            raise TripError("the run config has no 'experiment': make one with `trip flower run-config`")
+        cfg = parse_config(json.loads(str(rc["experiment"])), source="run config 'experiment'")
+        spec = cls(cfg, int(rc["seed"]), str(rc["method"]), str(rc["target"]), str(rc["out-dir"]),
+                   int(rc["min-clients"]), float(rc["round-timeout"]), float(rc["connect-timeout"]))
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        domains = get_dataset(self.cfg.data.name).domains
+        if self.target not in domains:
+            raise TripError(f"run config: target {self.target!r} is not a domain of {self.cfg.data.name} "
+                            f"({', '.join(domains)})")
+        labels = [method_label(m) for m in self.cfg.methods]
+        if self.method not in labels:
+            raise TripError(f"run config: method {self.method!r} is not in the experiment ({', '.join(labels)})")
+        if not 0 <= self.min_clients <= len(self.sources):
+            raise TripError(f"run config: min-clients must be 0..{len(self.sources)}, got {self.min_clients}")
+
+
+def write_run_config(spec: RunSpec, path: Path) -> Path:
+    """A TOML file for `flwr run --run-config PATH` (the experiment JSON does not fit on a command line)."""
+    import tomli_w
+
+    spec.check()
+    path.write_text(tomli_w.dumps(spec.run_config()))
+    return path
+
+
+def node_domain(node_config: UserConfig, spec: RunSpec) -> str:
+    """A deployed SuperNode names its domain (`domain="sketch"`); a simulated one has a partition id, the
+    index of its domain among the run's source domains."""
+    if "domain" in node_config:
+        domain = str(node_config["domain"])
+        domains = get_dataset(spec.cfg.data.name).domains
+        if domain not in domains:
+            raise TripError(f"node config: domain {domain!r} is not a domain of {spec.cfg.data.name} "
+                            f"({', '.join(domains)})")
+        return domain
+    if "partition-id" in node_config:
+        pid = int(node_config["partition-id"])
+        if not 0 <= pid < len(spec.sources):
+            raise TripError(f"node config: partition-id {pid} is out of range: the run has "
+                            f"{len(spec.sources)} source domains")
+        return spec.sources[pid]
+    raise TripError("node config names no domain: start the SuperNode with --node-config 'domain=\"NAME\" "
+                    "data-root=\"DIR\"' (deployment) or 'partition-id=I' (simulation)")
+
+
+def to_record(params: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in params.items()})
+
+
+def from_record(record: ArrayRecord, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(arr.numpy())).to(device) for k, arr in record.items()}

@@ -1,0 +1,151 @@
+"""`trip run CONFIG --dry-run`: validate a config, check the data it names and print what it would run (runs,
+clients, images per split, parameters communicated per round) without building a backbone, decoding an image
+or training anything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+
+from trip.backbone import TINY_CFG
+from trip.config import BackboneCfg, ExperimentCfg, method_label
+from trip.data.datasets import DatasetSpec, dataset_root, get_dataset
+from trip.data.folder import split_indices
+from trip.data.loading import scan_domains
+from trip.errors import TripError
+from trip.experiment import targets_of
+from trip.methods import comm_params
+from trip.results import text_table
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+@dataclass
+class DomainPlan:
+    images: int  # after data.max_images_per_domain
+    train: int
+    val: int
+
+
+@dataclass
+class Plan:
+    cfg: ExperimentCfg
+    dataset: DatasetSpec
+    data_where: str
+    domains: dict[str, DomainPlan]
+    targets: list[str]
+    weights: str
+    widths: tuple[int, int]  # (text, vision)
+    params: dict[str, int]  # method label -> parameters one client sends per round
+    warnings: list[str]
+
+    @property
+    def runs(self) -> int:
+        return len(self.cfg.seeds) * len(self.cfg.methods) * len(self.targets)
+
+
+def make_plan(cfg: ExperimentCfg) -> Plan:
+    spec = get_dataset(cfg.data.name)
+    targets = targets_of(cfg, spec)
+    widths = backbone_widths(cfg.backbone)
+    weights = describe_weights(cfg.backbone)
+    spec, where, labels, warnings = _scan(cfg, spec)
+    domains = {d: _split_sizes(len(lab), cfg.data.val_fraction) for d, lab in labels.items()}
+    warnings += [f"{d}: {n} of {len(spec.classes)} classes have no images" for d, lab in labels.items()
+                 if (n := int((np.bincount(lab, minlength=len(spec.classes)) == 0).sum()))]
+    warnings += [f"{d}: no training images for its client (train split of {p.images} images is empty)"
+                 for d, p in domains.items() if p.train == 0]
+    params = {method_label(m): comm_params(m, *widths) for m in cfg.methods}
+    return Plan(cfg, spec, where, domains, targets, weights, widths, params, warnings)
+
+
+def backbone_widths(cfg: BackboneCfg) -> tuple[int, int]:
+    """(text width, vision width) read from the model config: nothing is built or loaded."""
+    model_cfg = TINY_CFG if cfg.name == "tiny" else open_clip.get_model_config(cfg.name)
+    if model_cfg is None:
+        raise TripError(f"backbone.name {cfg.name!r} is not an open_clip model (nor 'tiny'); "
+                        f"e.g. ViT-B-16, ViT-B-32, ViT-L-14")
+    return model_cfg["text_cfg"]["width"], model_cfg["vision_cfg"]["width"]
+
+
+def describe_weights(cfg: BackboneCfg) -> str:
+    """What backbone.pretrained names, after the checks that need no loading (a file exists, a tag is known)."""
+    tag = cfg.pretrained
+    if tag is None:
+        return "random weights"
+    if cfg.name == "tiny" and tag == "synthetic":
+        return "pretrained on synthetic captions (cached after the first run)"
+    path = Path(tag).expanduser()
+    if cfg.name == "tiny" or path.suffix in WEIGHT_SUFFIXES or "/" in tag:
+        if not path.is_file():
+            raise TripError(f"backbone.pretrained: no weights file at {path}; see docs/reproduce.md")
+        return f"file {path}"
+    if tag not in open_clip.list_pretrained_tags_by_model(cfg.name):
+        raise TripError(f"backbone.pretrained {tag!r} is not an open_clip tag of {cfg.name}; known: "
+                        f"{', '.join(open_clip.list_pretrained_tags_by_model(cfg.name))}")
+    return f"open_clip tag {tag!r} (needs the hub or its cache; offline, a local file: docs/reproduce.md)"
+
+
+def _scan(cfg: ExperimentCfg, spec: DatasetSpec) -> tuple[DatasetSpec, str, dict[str, np.ndarray], list[str]]:
+    """The spec whose class list the labels index, where the data is, the labels of each domain's images as a
+    run would use them (found and subsampled, not decoded), and warnings."""
+    if spec.name == "synthetic":  # written on first use: nothing on disk to check yet
+        labels = np.repeat(np.arange(len(spec.classes)), cfg.data.images_per_class)
+        return spec, "generated on the first run", {d: labels for d in spec.domains}, []
+    root = dataset_root(spec, cfg.data.root, cfg.data.images_per_class, seed=0)
+    spec, domains = scan_domains(spec, root, cfg.data)
+    warnings = []
+    if spec.counts_exact and cfg.data.max_images_per_domain is None:
+        warnings = [f"{d}: {len(dom):,} images; the standard release has {spec.expected_counts[d]:,}"
+                    for d, dom in domains.items() if spec.expected_counts.get(d, len(dom)) != len(dom)]
+    return spec, str(root), {d: dom.labels for d, dom in domains.items()}, warnings
+
+
+def _split_sizes(n: int, val_fraction: float) -> DomainPlan:
+    train, val = split_indices(n, val_fraction, seed=0)  # the sizes do not depend on the seed
+    return DomainPlan(n, len(train), len(val))
+
+
+def format_plan(plan: Plan) -> str:
+    cfg, spec = plan.cfg, plan.dataset
+    t = cfg.train
+    domains = [[d, f"{p.images:,}", f"{p.train:,}", f"{p.val:,}"] for d, p in plan.domains.items()]
+    methods = [[label, f"{n:,}", f"{4 * n:,}"] for label, n in plan.params.items()]
+    lines = [
+        f"Dry run of '{cfg.name}': the config is valid and the data checks passed; nothing was trained.",
+        "",
+        f"backbone  {cfg.backbone.name} (text width {plan.widths[0]}, vision width {plan.widths[1]})",
+        f"weights   {plan.weights}",
+        f"data      {spec.name}: {plan.data_where} ({len(spec.domains)} domains, {len(spec.classes)} classes)",
+        "",
+        _indent(text_table(["domain", "images", "train", "val"], domains)),
+        "",
+        f"runs      {len(cfg.seeds)} seed(s) {cfg.seeds} × {len(cfg.methods)} method(s) × {len(plan.targets)} "
+        f"held-out domain(s) = {plan.runs} runs; {len(spec.domains) - 1} clients per run; {t.rounds} rounds × "
+        f"{t.local_epochs} local epoch(s), batch {t.batch_size}",
+        "",
+        _held_out_table(plan),
+        "",
+        _indent(text_table(["method", "params/round", "bytes/round (fp32)"], methods)),
+        "  (sent by each client per round, and received back from the server)",
+    ]
+    if plan.warnings:
+        lines += ["", "warnings", *(f"  - {w}" for w in plan.warnings)]
+    return "\n".join(lines)
+
+
+def _held_out_table(plan: Plan) -> str:
+    """One line per run's held-out domain: its size (the test set) and the clients' train/val sizes."""
+    width = max(len("held out"), *map(len, plan.targets))
+    lines = [f"{'held out':<{width}}  target images  clients (train/val images)"]
+    for target in plan.targets:
+        clients = ", ".join(f"{d} {p.train:,}/{p.val:,}" for d, p in plan.domains.items() if d != target)
+        lines.append(f"{target:<{width}}  {plan.domains[target].images:>13,}  {clients}")
+    return _indent("\n".join(lines))
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())

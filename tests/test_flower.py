@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,12 +22,20 @@ from trip.cli import main
 from trip.config import parse_config
 from trip.experiment import prepare
 from trip.federation.flower import client_app, node
-from trip.federation.flower.certs import make_certs
+from trip.federation.flower.certs import node_keys
 from trip.federation.flower.engine import FlowerRuns
-from trip.federation.flower.local import LocalFederation, Tls, descendants, terminate, trip_worker
-from trip.federation.flower.protocol import RunSpec, from_record, to_record, write_run_config
+from trip.federation.flower.local import (
+    LocalFederation,
+    Tls,
+    descendants,
+    free_port,
+    supernode_command,
+    terminate,
+    trip_worker,
+)
+from trip.federation.flower.protocol import RunSpec, from_record, to_record
 from trip.federation.flower.strategy import Peer, TripStrategy, UpdateRefused, check_update
-from trip.federation.inprocess import run_federation
+from trip.federation.inprocess import run_federation, select_round
 from trip.federation.server import fedavg
 
 pytestmark = pytest.mark.flower
@@ -35,7 +44,7 @@ SEED, TARGET = 3, "photo"
 CONFIG = {
     "name": "flower-test", "seeds": [SEED], "device": "cpu",
     "backbone": {"name": "tiny", "pretrained": None},
-    "data": {"name": "synthetic", "images_per_class": 5, "targets": [TARGET]},
+    "data": {"name": "synthetic", "images_per_class": 4, "targets": [TARGET]},
     "train": {"rounds": 2, "batch_size": 8, "lr": 0.002},
     "methods": [{"name": "trip", "num_experts": 2, "n_ctx": 2, "kmeans_iters": 5}],
 }
@@ -60,10 +69,12 @@ def without_time(history: list[dict]) -> list[dict]:
 
 # --- the message protocol and the strategy, without processes ----------------------------------------------
 
-def test_run_config_survives_the_flwr_toml_parser(cfg, tmp_path):
-    spec = RunSpec(cfg, SEED, "trip", TARGET, out_dir=str(tmp_path), min_clients=2)
-    parsed = parse_config_args([str(write_run_config(spec, tmp_path / "run.toml"))])
-    assert RunSpec.from_run_config(parsed) == spec
+def test_trip_flower_run_config_survives_the_flwr_toml_parser(cfg, tmp_path):
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(CONFIG))
+    assert main(["flower", "run-config", str(tmp_path / "exp.yaml"), "--target", TARGET, "--min-clients", "2",
+                 "--out-dir", str(tmp_path), "-o", str(tmp_path / "run.toml")]) == 0
+    parsed = parse_config_args([str(tmp_path / "run.toml")])
+    assert RunSpec.from_run_config(parsed) == RunSpec(cfg, SEED, "trip", TARGET, out_dir=str(tmp_path), min_clients=2)
 
 
 def test_check_update_refuses_wrong_names_shapes_dtypes_and_non_finite_values():
@@ -79,19 +90,20 @@ def test_check_update_refuses_wrong_names_shapes_dtypes_and_non_finite_values():
 
 
 def test_update_with_nans_is_refused_named_and_the_rest_aggregated(cfg, reference, caplog):
-    """Three ClientApps called directly with a train message; node 12's reply is then poisoned with NaNs."""
+    """Two ClientApps called directly with a train message, and node 12 replying with NaNs."""
     spec = RunSpec(cfg, SEED, "trip", TARGET, min_clients=2)
     method = node.method_of(node.workspace(cfg, []), "trip")
     init = method.init_params(SEED)
-    replies = []
-    for pid in range(3):
-        context = Context(run_id=1, node_id=10 + pid, node_config={"partition-id": pid}, state=RecordDict(),
-                          run_config=spec.run_config())
-        content = RecordDict({"arrays": to_record(init), "config": ConfigRecord({"server-round": 1, "lr": 0.002})})
-        replies.append(client_app.app(train_message(content, 10 + pid), context))
-    good = [from_record(r.content["arrays"]) for r in replies[:2]]
-    sizes = [r.content["metrics"]["num-examples"] for r in replies[:2]]
-    replies[2].content["arrays"]["experts"] = Array(np.full(tuple(init["experts"].shape), np.nan, np.float32))
+    content = RecordDict({"arrays": to_record(init), "config": ConfigRecord({"server-round": 1, "lr": 0.002})})
+    replies = [client_app.app(train_message(content, 10 + pid),
+                              Context(run_id=1, node_id=10 + pid, node_config={"partition-id": pid},
+                                      state=RecordDict(), run_config=spec.run_config()))
+               for pid in range(2)]
+    good = [from_record(r.content["arrays"]) for r in replies]
+    sizes = [r.content["metrics"]["num-examples"] for r in replies]
+    nans = ArrayRecord({"experts": Array(np.full(tuple(init["experts"].shape), np.nan, np.float32))})
+    replies.append(Message(RecordDict({"arrays": nans, "metrics": replies[0].content["metrics"]}),
+                           reply_to=train_message(content, 12)))
 
     strategy = TripStrategy(method, spec, [Peer(10 + i, d) for i, d in enumerate(spec.sources)], None,
                             on_round=lambda _: None)
@@ -114,20 +126,20 @@ def train_message(content: RecordDict, node_id: int) -> Message:
 # --- a local federation: `trip run --engine flower` -----------------------------------------------------------
 
 def test_trip_run_engine_flower_writes_the_in_process_run_folder(cfg, reference, tmp_path):
+    """The run folder of `trip run --engine flower` holds the in-process engine's rounds and selection."""
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
-    folders = {engine: tmp_path / engine for engine in ("inprocess", "flower")}
-    for engine, out in folders.items():
-        assert main(["run", str(config), "--engine", engine, "--out", str(out)]) == 0
-    rounds = {e: without_time([json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()])
-              for e, out in folders.items()}
-    runs = {e: json.loads((out / "results.json").read_text())["runs"] for e, out in folders.items()}
-    assert rounds["flower"] == rounds["inprocess"]
-    assert [{k: v for k, v in r.items() if k != "time_s"} for r in runs["flower"]] == \
-        [{k: v for k, v in r.items() if k != "time_s"} for r in runs["inprocess"]]
-    assert (folders["flower"] / "summary.md").read_text() == (folders["inprocess"] / "summary.md").read_text()
-    assert sorted(p.name for p in (folders["flower"] / "flower" / "logs").iterdir()) == \
-        ["superlink.log", *[f"supernode{i}.log" for i in range(3)], *[f"worker{i}.log" for i in range(3)]]
+    assert main(["run", str(config), "--engine", "flower", "--out", str(tmp_path / "out")]) == 0
+    key = {"method": "trip", "target": TARGET, "seed": SEED}
+    rounds = [json.loads(line) for line in (tmp_path / "out" / "rounds.jsonl").read_text().splitlines()]
+    assert without_time(rounds) == without_time([{**key, **record} for record in reference.history])
+    [run] = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert run.items() >= {**key, **select_round(reference.history, "bma"), "rounds": 2,
+                           "clients": RunSpec(cfg, SEED, "trip", TARGET).sources}.items()
+    assert "| trip |" in (tmp_path / "out" / "summary.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "out" / "flower" / "logs").iterdir()) == \
+        ["serverapp-worker.log", "superlink.log", *[f"supernode{i}.log" for i in range(3)],
+         *[f"worker{i}.log" for i in range(3)]]
 
 
 # --- TLS, SuperNode authentication, a node that dies -----------------------------------------------------------
@@ -140,7 +152,7 @@ from pathlib import Path
 from flwr.proto.runtime_pb2 import AcquireTaskRequest
 from flwr.supercore.constant import TaskType
 import trip.federation.flower.client_app
-from trip.federation.flower.worker import run_task, runtime_client
+from trip.federation.flower.worker import run_clientapp_task, runtime_client
 
 api, armed, supernode = sys.argv[1], Path(sys.argv[2]), None
 client, seen = runtime_client(api, None), {}
@@ -157,14 +169,14 @@ while True:
             if b"flower-supernode" in cmd and b"--port\\0" + api.rsplit(":", 1)[1].encode() in cmd:
                 os.kill(int(proc.name), signal.SIGTERM)
         time.sleep(3600)
-    run_task(runtime_client(api, None, res.token))
+    run_clientapp_task(api, None, res.token)
 """
 
 
 @pytest.fixture(scope="module")
 def tls_federation(tmp_path_factory):
     folder = tmp_path_factory.mktemp("flower-tls")
-    make_certs(folder / "certs", [], nodes=3)
+    assert main(["flower", "certs", str(folder / "certs"), "--nodes", "3"]) == 0
     armed = folder / "armed-runs.txt"
 
     def worker(i: int, api: str) -> list[str]:
@@ -176,7 +188,7 @@ def tls_federation(tmp_path_factory):
 
 
 def test_tls_and_node_auth_federation_matches_in_process(cfg, reference, tls_federation, tmp_path):
-    assert "--enable-supernode-auth" in tls_federation.superlink.args
+    assert "--enable-supernode-auth" in tls_federation.superlink[0].args
     assert json.loads(tls_federation.flwr("supernode", "list", "trip-local", "--format", "json"))["nodes"]
     method = node.method_of(node.workspace(cfg, []), "trip")
     got = FlowerRuns(tls_federation, cfg, tmp_path)(method, TARGET, SEED, lambda _: None)
@@ -184,6 +196,14 @@ def test_tls_and_node_auth_federation_matches_in_process(cfg, reference, tls_fed
     assert got.models.keys() == reference.models.keys() == {"server", "bma"}
     for model, params in reference.models.items():
         assert torch.equal(got.models[model]["experts"], params["experts"]), model
+
+
+def test_supernode_with_an_unregistered_key_is_refused(tls_federation, tmp_path):
+    key = node_keys(tmp_path / "stranger.key")[0]
+    cmd = supernode_command(tls_federation.address, free_port(), PARTITIONS[0], (tls_federation.tls.ca, key))
+    res = subprocess.run([*cmd, "--max-retries", "0"], env=tls_federation.env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode != 0 and "Failed to activate SuperNode" in res.stdout + res.stderr, res.stderr[-2000:]
 
 
 def test_node_dying_in_round_two_leaves_a_completed_run_with_fewer_participants(cfg, reference, tls_federation,
@@ -209,7 +229,7 @@ def test_node_dying_in_round_two_leaves_a_completed_run_with_fewer_participants(
 def test_stopping_the_federation_stops_every_process(tmp_path):
     fed = LocalFederation(PARTITIONS[:1], tmp_path / "logs")
     with fed:
-        procs = [fed.superlink, *fed.nodes[0]]
+        procs = [*fed.superlink, *fed.nodes[0]]
         tree = [pid for p in procs for pid in [p.pid, *descendants(p.pid)]]
     assert all(p.poll() is not None for p in procs)
     assert not [pid for pid in tree if _running(pid)]

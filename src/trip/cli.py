@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=Path("report.md"))
     report.add_argument("--html", action="store_true", help="also write a self-contained HTML page beside it")
     report.set_defaults(func=_report)
+
+    bench = sub.add_parser("bench", help="speed of the fast paths against the official-style ones (ratios)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when visible, else cpu")
+    bench.add_argument("--out", type=Path, help="also write the measurements to this JSON file")
+    bench.add_argument("--tiny", action="store_true", help="a tiny model and sizes: seconds, for tests")
+    bench.set_defaults(func=_bench)
     return p
 
 
@@ -133,6 +139,12 @@ def _report(args: argparse.Namespace) -> int:
     for path in write_report(args.run_dirs, args.out, html_page=args.html):
         print(path)
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from trip.bench import main as bench_main
+
+    return bench_main(args.device, args.out, tiny=args.tiny)
 
 
 def _execute(cfg, out: Path, note: str, engine: str = "inprocess", resume: bool = False) -> int:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from trip.backbone import CLIP_MEAN, CLIP_STD, TINY_CFG, cache_dir, new_tiny_clip
 from trip.data import synthetic
 
-PRETRAIN = {"version": 2, "images": 2400, "steps": 400, "groups": 16, "lr": 3e-3, "seed": 0}
+PRETRAIN = {"version": 2, "images": 2400, "steps": 600, "groups": 16, "lr": 4e-3, "seed": 0}
 
 
 def pretrained_tiny_clip() -> tuple[open_clip.model.CLIP, str]:

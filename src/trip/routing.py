@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 SEED_STRIDE = 1_000_003  # per-image k-means seed = seed * SEED_STRIDE + image_id
-CPU_BLOCK_SIZE = 32  # images per k-means block on CPU (measured: see benchmarks/bench_routing.py)
+CPU_BLOCK_SIZE = 32  # images per k-means block on CPU, by measurement (benchmarks/bench_routing.py --blocks)
 
 
 @dataclass(frozen=True)
@@ -59,40 +59,41 @@ def capacities(num_tokens: int, num_clusters: int, capacity_factor: float) -> Te
     return cap
 
 
-def _stable_argsort(v: Tensor) -> Tensor:
-    """torch.argsort(v, dim=1, stable=True) for v [B, N] free of NaN. In fp32 on CPU: NumPy's SIMD sort of
-    unique int64 keys (order-preserving bits of v, then the index), which is 3-8x faster for N ~ 200."""
-    if v.device.type != "cpu" or v.dtype != torch.float32:
-        return torch.argsort(v, dim=1, stable=True)
-    bits = (v.numpy() + np.float32(0)).view(np.int32)  # + 0 maps -0.0 to +0.0: they compare equal
-    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64) << 32  # monotone in v
-    key |= np.arange(v.shape[1])
+def _group_order(pref: Tensor, best: Tensor, num_clusters: int) -> Tensor:
+    """[B, N] token indices sorted by (preferred cluster, cost, token index): the greedy's visiting order
+    (a stable sort by cost), grouped by preferred cluster. For fp32 on CPU, one NumPy (SIMD) sort of unique
+    int64 keys (cluster | order-preserving bits of the cost | index), several times faster than two
+    stable sorts. The costs are free of NaN."""
+    n = best.shape[1]
+    if best.device.type != "cpu" or best.dtype != torch.float32 or n >= 2**16 or num_clusters >= 2**15:
+        order = torch.argsort(best, dim=1, stable=True)
+        return order.gather(1, torch.argsort(pref.gather(1, order), dim=1, stable=True))
+    bits = (best.numpy() + np.float32(0)).view(np.int32)  # + 0 maps -0.0 to +0.0: they compare equal
+    monotone = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64) + 2**31  # in [0, 2^32), ordered as best
+    key = (pref.numpy() << 48) | (monotone << 16) | np.arange(n)
     key.sort(axis=1)
-    return torch.from_numpy(key & 0xFFFFFFFF)
+    return torch.from_numpy(key & 0xFFFF)
 
 
-def _greedy_capacity_assign(
-    cost: Tensor, cap: Tensor | None, clusters: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+def _greedy_capacity_assign(cost: Tensor, cap: Tensor | None) -> tuple[Tensor, Tensor]:
     """Preferred cluster per token, dropping overflow greedily in ascending-cost order. -> assign, counts.
 
-    clusters = arange(M) on cost's device (made here when not given)."""
-    num_clusters = cost.shape[-1]
+    The greedy loop visits tokens by ascending cost (stable) and keeps a token iff its preferred cluster
+    p still has room. Dropped tokens consume no room and a token is only dropped once p is full, so the
+    kept tokens of p are exactly the first c_p tokens preferring p in that order: the ones whose rank
+    among the tokens preferring p (sorted by cost, then index) is below c_p."""
+    b, n, num_clusters = cost.shape
     best, pref = cost.min(dim=-1)  # [B, N]; ties -> first index
+    wanted = torch.zeros(b, num_clusters, dtype=torch.int64, device=cost.device)
+    wanted.scatter_add_(1, pref, torch.ones_like(pref))  # [B, M] tokens preferring each cluster
     if cap is None:
-        return pref, F.one_hot(pref, num_clusters).sum(1)
-    if clusters is None:
-        clusters = torch.arange(num_clusters, device=cost.device)
-    order = _stable_argsort(best)
+        return pref, wanted
+    order = _group_order(pref, best, num_clusters)
     pref_sorted = pref.gather(1, order)
-    # rank[b, j, m] = number of tokens preferring m among the first j+1 in sorted order. The greedy loop
-    # keeps a token iff fewer than c_p tokens were kept in its cluster p before it. Dropped tokens consume
-    # no room, and a token is only dropped once p is full, so "kept before it" = min(rank - 1, c_p);
-    # hence kept <=> rank <= c_p: the first c_p tokens preferring p are kept and the rest dropped.
-    rank = (pref_sorted.unsqueeze(-1) == clusters).cumsum(1)  # [B, N, M]
-    kept = (rank <= cap).gather(2, pref_sorted.unsqueeze(-1)).squeeze(-1)
-    assign = torch.empty_like(pref).scatter_(1, order, torch.where(kept, pref_sorted, -1))
-    return assign, torch.minimum(rank[:, -1], cap)
+    start = wanted.cumsum(1) - wanted  # [B, M] first position of each cluster's group in `order`
+    rank = torch.arange(n, device=cost.device) - start.gather(1, pref_sorted)
+    assign = torch.empty_like(pref).scatter_(1, order, torch.where(rank < cap[pref_sorted], pref_sorted, -1))
+    return assign, torch.minimum(wanted, cap)
 
 
 def _pad_for_cdist(x: Tensor, out: Tensor | None = None) -> tuple[Tensor, bool]:
@@ -103,11 +104,12 @@ def _pad_for_cdist(x: Tensor, out: Tensor | None = None) -> tuple[Tensor, bool]:
         return x.clone(), False
     d = x.shape[-1]
     lhs = x.new_empty(*x.shape[:-1], d + 2) if out is None else out
-    # |x|² via the buffer (no token-sized temporary): the same reduction as x.pow(2).sum(-1), bit for bit.
-    torch.pow(x, 2, out=lhs[..., :d])
-    lhs[..., d] = lhs[..., :d].sum(-1)
-    torch.mul(x, -2, out=lhs[..., :d])
     lhs[..., d + 1] = 1
+    # One image at a time on CPU: its second pass (x²) reads it from cache.
+    step = 1 if x.device.type == "cpu" else max(1, len(x))
+    for xc, lc in zip(x.split(step), lhs.split(step), strict=True):
+        torch.mul(xc, -2, out=lc[..., :d])
+        torch.sum(xc.pow(2), dim=-1, out=lc[..., d])  # torch.cdist's |x|², bit for bit
     return lhs, True
 
 
@@ -189,13 +191,23 @@ def _kmeans_block(
     mu = x.gather(1, init_index.unsqueeze(-1).expand(-1, -1, d))
     xs, padded = _pad_for_cdist(x, buf)
     lam = torch.zeros(b, m, dtype=torch.float32, device=dev)
+    prev = None  # the assignment the current centroids were computed from
     for it in range(1, max_iters + 1):
-        xl = xs[: len(image)]
-        dist = _cdist(xl, padded, mu)  # [b', N, M]
-        assign, counts = _greedy_capacity_assign(dist if cap is None else dist + lam.unsqueeze(1), cap, clusters)
+        dist = _cdist(xs[: len(image)], padded, mu)  # [b', N, M]
+        assign, counts = _greedy_capacity_assign(dist if cap is None else dist + lam.unsqueeze(1), cap)
         if cap is not None:
             lam = lam + eta * (counts - cap)
-        new_mu, empty = _update_centroids(xl, padded, dist, assign, counts, clusters)
+        if prev is not None and tol > 0:
+            # The same tokens as last time and no empty cluster: the new centroids would equal mu bit for
+            # bit (converged), so these images stop here without a centroid step.
+            same = (assign == prev).all(-1) & (counts > 0).all(-1)
+            if bool(same.any()):
+                out.record(image[same], same, assign, counts, mu, it)
+                if bool(same.all()):
+                    break
+                order = _compact(same, xs)
+                image, mu, lam, dist, assign, counts = (t[order] for t in (image, mu, lam, dist, assign, counts))
+        new_mu, empty = _update_centroids(xs[: len(image)], padded, dist, assign, counts, clusters)
         if empty is not None:
             lam = lam.masked_fill(empty, 0.0)
         converged = torch.linalg.vector_norm(new_mu - mu, dim=-1).mean(-1) < tol
@@ -207,8 +219,8 @@ def _kmeans_block(
             if bool(converged.all()):
                 break
             order = _compact(converged, xs)
-            image, new_mu, lam = image[order], new_mu[order], lam[order]
-        mu = new_mu
+            image, new_mu, lam, assign = image[order], new_mu[order], lam[order], assign[order]
+        mu, prev = new_mu, assign
     return KMeansResult(out.assign, out.centroids, out.counts, out.iterations)
 
 
@@ -229,11 +241,14 @@ def capacity_kmeans(
     init_index [B, M] holds token indices of the initial centroids (default: randperm(N)[:M] per image from
     `generator`). Runs in at least fp32. Every operation is per image and an image's result is frozen when it
     converges, so it equals the result of the image alone. On convergence the old centroids are returned.
-    Images are processed block_size at a time (default: 16 on CPU, to stay in cache; all at once on GPU).
+    Images are processed block_size at a time (default: CPU_BLOCK_SIZE on CPU, whose padded tokens stay in
+    cache; all at once on GPU), and an image leaves its block's working set as soon as it converges.
     """
     b, n, _ = tokens.shape
     if n < num_clusters:
         raise ValueError(f"{n} tokens cannot make {num_clusters} clusters")
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be at least 1, got {max_iters}")
     x = tokens.to(torch.promote_types(tokens.dtype, torch.float32))
     if init_index is None:
         init_index = torch.stack([torch.randperm(n, generator=generator)[:num_clusters] for _ in range(b)])
@@ -241,7 +256,7 @@ def capacity_kmeans(
     cap = None if capacity_factor is None else capacities(n, num_clusters, capacity_factor).to(x.device)
     if cap is not None and int(cap.sum()) == 0:
         raise ValueError(f"capacity factor {capacity_factor} leaves no room for any of the {n} tokens")
-    block = block_size or (CPU_BLOCK_SIZE if x.device.type == "cpu" else b)
+    block = block_size or (CPU_BLOCK_SIZE if x.device.type == "cpu" else max(1, b))
     buf = x.new_empty(min(block, b), n, x.shape[-1] + 2) if n > 25 else None  # reused by every block
     parts = [
         _kmeans_block(xb, ib, cap, max_iters, eta, tol, None if buf is None else buf[: len(xb)])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 CLASSES = ("circle", "square", "triangle", "star", "cross", "heart")
 DOMAINS = ("photo", "cartoon", "sketch", "painting")
 HUES = {"red": 0.0, "orange": 0.07, "yellow": 0.15, "green": 0.33, "blue": 0.6, "purple": 0.77, "pink": 0.9}
@@ -240,10 +240,17 @@ _TEMPLATES = {  # colour is named rarely: it is easy to learn and would crowd ou
 _PLAIN = ("{c}", "a {c}", "a picture of a {c}", "an image of the {c}")
 
 
+_FILLER = ("there", "is", "here", "we", "see", "an", "image", "showing", "one", "small", "large", "simple", "picture",
+           "object", "shape", "centered", "clear", "nice", "this", "little", "big", "drawn", "made", "with", "care")
+
+
 def _caption(rng: np.random.Generator, cls: str, domain: str, colour: str) -> str:
     templates = _PLAIN if rng.random() < 0.2 else _TEMPLATES[domain]
     t = templates[rng.integers(len(templates))]
-    return t.format(c=cls, col=colour, ac="an" if colour[0] in "aeiou" else "a")
+    caption = t.format(c=cls, col=colour, ac="an" if colour[0] in "aeiou" else "a")
+    if rng.random() < 0.5:  # long captions, as on the web: the class word lands at many positions
+        caption = " ".join(rng.choice(_FILLER, size=int(rng.integers(3, 24)))) + " " + caption
+    return caption
 
 
 def caption_corpus(num_images: int, seed: int, size: int = 32) -> tuple[np.ndarray, list[str], np.ndarray]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trip.backbone import autocast
 from trip.methods.base import Method, Split, gaussian_init
 from trip.textenc import build_prompt_tokens, encode_prompts
 
@@ -23,7 +24,8 @@ class PromptFL(Method):
         return {"ctx": gaussian_init((self.cfg.n_ctx, self.backbone.text_width), seed, self.backbone.device)}
 
     def logits(self, params: dict[str, torch.Tensor], batch: Split) -> torch.Tensor:
-        text = encode_prompts(self.backbone.model, self.tokens, params["ctx"][None])[0]  # [C, E]
+        with autocast(self.backbone.device):  # bf16 text encoder on GPU; fp32 (a no-op) on CPU
+            text = encode_prompts(self.backbone.model, self.tokens, params["ctx"][None])[0]  # [C, E]
         return self.backbone.logit_scale * batch.features @ F.normalize(text.float(), dim=-1).T
 
     def loss(self, params: dict[str, torch.Tensor], batch: Split) -> torch.Tensor:

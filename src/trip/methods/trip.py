@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from trip import routing
+from trip.backbone import autocast
 from trip.features import RoutingSpec
 from trip.methods.base import Method, Split, gaussian_init
 from trip.methods.text import zeroshot_weights
@@ -66,7 +67,9 @@ class Trip(Method):
     def _student_logits(self, params: dict[str, torch.Tensor], batch: Split, train: bool) -> torch.Tensor:
         w = self.mixture_weights(params, batch, train).to(params["experts"].dtype)
         ctx = torch.einsum("bm,mlw->blw", w, params["experts"])  # [b, N_CTX, W]
-        text = F.normalize(encode_prompts(self.backbone.model, self.tokens, ctx).float(), dim=-1)  # [b, C, E]
+        with autocast(self.backbone.device):  # bf16 text encoder on GPU; fp32 (a no-op) on CPU
+            text = encode_prompts(self.backbone.model, self.tokens, ctx)
+        text = F.normalize(text.float(), dim=-1)  # [b, C, E]; logits and loss in fp32
         return self.backbone.logit_scale * torch.einsum("be,bce->bc", batch.features, text)
 
     def logits(self, params: dict[str, torch.Tensor], batch: Split) -> torch.Tensor:

@@ -36,12 +36,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--key", type=Path, required=True, help="this site's private key (node<i>.key)")
     node.add_argument("--domain", required=True, help="the domain this site holds, e.g. sketch")
     node.add_argument("--data-root", type=Path, required=True, help="folder holding the data set folder")
+    node.add_argument("--dataset", help="the data set this site holds (runs on another one are refused)")
     node.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode Runtime API")
     node.set_defaults(func=_supernode)
 
-    worker = cmds.add_parser("worker", help="serve the ClientApp tasks of a SuperNode started with "
-                                            "--isolation process, keeping the CLIP in memory")
+    worker = cmds.add_parser("worker", help="run the ClientApp tasks of a SuperNode (or the ServerApp tasks of a "
+                                            "SuperLink) started with --isolation process, keeping CLIP in memory")
     worker.add_argument("--runtime-api", required=True, metavar="HOST:PORT")
+    worker.add_argument("--serverapp", action="store_true", help="serve a SuperLink's ServerApp tasks")
     worker.add_argument("--root-certificates", default=None, help="CA of a TLS Runtime API")
     worker.set_defaults(func=_worker)
 
@@ -52,8 +54,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rc.add_argument("--method", help="a method label of the config (default: the first method)")
     rc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     rc.add_argument("--out-dir", default="", help="where the ServerApp writes its results (SuperLink machine)")
-    rc.add_argument("--min-clients", type=int, default=0, help="valid updates a round needs (0: all sources)")
-    rc.add_argument("--round-timeout", type=float, default=600.0)
+    rc.add_argument("--min-clients", type=int, default=1, help="valid updates a round needs (default 1)")
+    rc.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for a round's replies")
+    rc.add_argument("--connect-timeout", type=float, default=120.0,
+                    help="seconds to wait at start for a SuperNode of every source domain")
     rc.add_argument("-o", "--output", type=Path, default=Path("run.toml"))
     rc.set_defaults(func=_run_config)
 
@@ -67,27 +71,21 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _superlink(args: argparse.Namespace) -> int:
-    from trip.federation.flower.local import BIN, FLOWER_ENV
+    from trip.federation.flower.local import FLOWER_ENV, Tls, superlink_command
 
-    c = args.certs
-    cmd = [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile",
-           str(c / "server.pem"), "--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth",
-           "--host", args.host, "--port", str(args.port)]
-    if args.database:
-        cmd += ["--database", args.database]
+    cmd = superlink_command(args.host, args.port, Tls.from_dir(args.certs, nodes=0), args.database)
     print(" ".join(cmd), flush=True)
     os.execve(cmd[0], cmd, {**os.environ, **FLOWER_ENV})
 
 
 def _supernode(args: argparse.Namespace) -> int:
-    from trip.federation.flower.local import BIN, FLOWER_ENV, terminate
+    from trip.federation.flower.local import FLOWER_ENV, supernode_command, terminate, trip_worker
 
     node_config = f'domain="{args.domain}" data-root="{args.data_root.resolve()}"'
-    supernode = [str(BIN / "flower-supernode"), "--superlink", args.superlink, "--root-certificates",
-                 str(args.ca), "--auth-supernode-private-key", str(args.key), "--isolation", "process",
-                 "--host", "127.0.0.1", "--port", str(args.runtime_port), "--node-config", node_config]
-    worker = [sys.executable, "-m", "trip.cli", "flower", "worker", "--runtime-api",
-              f"127.0.0.1:{args.runtime_port}"]
+    if args.dataset:
+        node_config += f' dataset="{args.dataset}"'
+    supernode = supernode_command(args.superlink, args.runtime_port, node_config, (args.ca, args.key))
+    worker = trip_worker(0, f"127.0.0.1:{args.runtime_port}")
     env = {**os.environ, **FLOWER_ENV}
     print(" ".join(supernode), flush=True)
     procs = [subprocess.Popen(cmd, env=env, start_new_session=True) for cmd in (supernode, worker)]
@@ -101,20 +99,22 @@ def _supernode(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    import trip.federation.flower.client_app  # noqa: F401 - import torch and open_clip now, not at the first message
+    import trip.federation.flower.client_app  # noqa: F401 - import torch and open_clip now, not at the first task
     from trip.federation.flower.worker import serve
 
-    serve(args.runtime_api, args.root_certificates)
+    serve(args.runtime_api, args.root_certificates, serverapp=args.serverapp)
     return 0
 
 
 def _run_config(args: argparse.Namespace) -> int:
     from trip.config import load_config, method_label
-    from trip.federation.flower.protocol import RunSpec, write_run_config
+    from trip.federation.flower.protocol import APP_DIR, RunSpec, write_run_config
 
     cfg = load_config(args.config, args.overrides)
     method = args.method or method_label(cfg.methods[0])
     seed = cfg.seeds[0] if args.seed is None else args.seed
-    spec = RunSpec(cfg, seed, method, args.target, args.out_dir, args.min_clients, args.round_timeout)
-    print(write_run_config(spec, args.output))
+    spec = RunSpec(cfg, seed, method, args.target, args.out_dir, args.min_clients, args.round_timeout,
+                   args.connect_timeout)
+    path = write_run_config(spec, args.output)
+    print(f"wrote {path}; start the run with:\n  flwr run {APP_DIR} <connection> --run-config {path} --stream")
     return 0

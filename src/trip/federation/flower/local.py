@@ -48,9 +48,39 @@ class Tls:
         return tls
 
 
+def superlink_command(host: str, port: int, tls: Tls | None, database: str | None = None,
+                      isolation: str = "subprocess") -> list[str]:
+    """`flower-superlink` over TLS with SuperNode authentication (or --insecure without `tls`); with isolation
+    "process", a trip worker runs its ServerApps (`trip flower worker --serverapp`)."""
+    cmd = [str(BIN / "flower-superlink"), "--host", host, "--port", str(port), "--isolation", isolation]
+    if database:
+        cmd += ["--database", database]
+    if tls is None:
+        return [*cmd, "--insecure"]
+    return [*cmd, "--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key),
+            "--enable-supernode-auth"]
+
+
+def supernode_command(superlink: str, runtime_port: int, node_config: str,
+                      auth: tuple[Path, Path] | None) -> list[str]:
+    """`flower-supernode` whose ClientApp tasks a trip worker runs (`--isolation process`), authenticated with
+    `auth` = (CA certificate, the node's private key) over TLS, or --insecure without."""
+    cmd = [str(BIN / "flower-supernode"), "--superlink", superlink, "--isolation", "process", "--host", "127.0.0.1",
+           "--port", str(runtime_port), "--node-config", node_config]
+    if auth is None:
+        return [*cmd, "--insecure"]
+    return [*cmd, "--root-certificates", str(auth[0]), "--auth-supernode-private-key", str(auth[1])]
+
+
 def trip_worker(node: int, runtime_api: str) -> list[str]:
     """The command that serves SuperNode `node`'s ClientApp tasks: trip's warm worker."""
     return [sys.executable, "-m", "trip.cli", "flower", "worker", "--runtime-api", runtime_api]
+
+
+def serverapp_worker(runtime_api: str, tls: Tls | None) -> list[str]:
+    """The command that runs a SuperLink's ServerApps in one warm process."""
+    ca = ["--root-certificates", str(tls.ca)] if tls else []
+    return [sys.executable, "-m", "trip.cli", "flower", "worker", "--serverapp", "--runtime-api", runtime_api, *ca]
 
 
 class LocalFederation:
@@ -62,7 +92,7 @@ class LocalFederation:
         # `flwr-serverapp`); its executor looks for a new run every second by default
         self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-        self.superlink: subprocess.Popen | None = None
+        self.superlink: list[subprocess.Popen] = []  # the SuperLink and the worker that runs its ServerApps
         self.nodes: list[list[subprocess.Popen]] = []  # per node: the SuperNode and its worker
 
     def __enter__(self) -> LocalFederation:
@@ -80,29 +110,21 @@ class LocalFederation:
         self.logs.mkdir(parents=True, exist_ok=True)
         port = free_port()
         self.address = f"127.0.0.1:{port}"
-        self.superlink = self._spawn("superlink", [str(BIN / "flower-superlink"), "--host", "127.0.0.1",
-                                                   "--port", str(port), *self._superlink_tls()])
+        self.superlink = [self._spawn("superlink", superlink_command("127.0.0.1", port, self.tls,
+                                                                     isolation="process"))]
+        self.superlink.append(self._spawn("serverapp-worker", serverapp_worker(self.address, self.tls)))
         self._write_connection()
-        wait_for_port(port, self.superlink, self.logs / "superlink.log")
+        wait_for_port(port, self.superlink[0], self.logs / "superlink.log")
         if self.tls:
             for key in self.tls.node_keys[:len(self.node_configs)]:
                 self.flwr("supernode", "register", str(key.with_suffix(".pub")), CONNECTION)
         for i in range(len(self.node_configs)):
             self.nodes.append(self._start_node(i))
 
-    def _superlink_tls(self) -> list[str]:
-        if self.tls is None:
-            return ["--insecure"]
-        return ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
-                "--ssl-keyfile", str(self.tls.key), "--enable-supernode-auth"]
-
     def _start_node(self, i: int) -> list[subprocess.Popen]:
         port = free_port()
-        tls = (["--root-certificates", str(self.tls.ca), "--auth-supernode-private-key", str(self.tls.node_keys[i])]
-               if self.tls else ["--insecure"])
-        supernode = self._spawn(f"supernode{i}", [
-            str(BIN / "flower-supernode"), "--superlink", self.address, "--isolation", "process",
-            "--host", "127.0.0.1", "--port", str(port), "--node-config", self.node_configs[i], *tls])
+        auth = (self.tls.ca, self.tls.node_keys[i]) if self.tls else None
+        supernode = self._spawn(f"supernode{i}", supernode_command(self.address, port, self.node_configs[i], auth))
         return [supernode, self._spawn(f"worker{i}", self.worker(i, f"127.0.0.1:{port}"))]
 
     def _write_connection(self) -> None:
@@ -133,7 +155,7 @@ class LocalFederation:
         return run["status"], run.get("status-details", "")
 
     def wait(self, run_id: int, on_tick: Callable[[], bool] = lambda: False, poll: float = 0.5,
-             status_every: float = 5.0) -> tuple[str, str]:
+             status_every: float = 15.0) -> tuple[str, str]:
         """Block until the run finishes; its (status, details), e.g. ("finished:completed", ""). `on_tick` runs
         every `poll` s; the status is asked when it returns True (the run looks done) or every `status_every` s
         (each `flwr list` is a process: on a small machine it competes with the run)."""
@@ -156,8 +178,9 @@ class LocalFederation:
             return f"(no log: {err})"
 
     def _check_alive(self) -> None:
-        if self.superlink is not None and self.superlink.poll() is not None:
-            raise TripError(f"the SuperLink exited ({self.superlink.returncode}); see {self.logs / 'superlink.log'}")
+        for proc, name in zip(self.superlink, ("superlink", "serverapp-worker")):
+            if proc.poll() is not None:
+                raise TripError(f"the {name} process exited ({proc.returncode}); see {self.logs / name}.log")
 
     # --- stopping ------------------------------------------------------------------------------------
 
@@ -167,10 +190,8 @@ class LocalFederation:
         terminate(self.nodes[i], sig)
 
     def stop(self) -> None:
-        for procs in self.nodes:
+        for procs in [*self.nodes, self.superlink]:
             terminate(procs)
-        if self.superlink is not None:
-            terminate([self.superlink])
         shutil.rmtree(self.home, ignore_errors=True)
 
 

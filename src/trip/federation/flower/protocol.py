@@ -4,12 +4,14 @@ which domain a SuperNode holds."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, UserConfig
+from flwr.common.logger import LOGGER_NAME
 
 from trip.config import ExperimentCfg, method_label, parse_config
 from trip.data.datasets import get_dataset
@@ -28,7 +30,7 @@ class RunSpec:
     method: str  # a method label of cfg
     target: str
     out_dir: str = ""
-    min_clients: int = 0  # 0: every source domain
+    min_clients: int = 1  # valid updates a round needs (1: as in-process, a round goes on while one is valid)
     round_timeout: float = 600.0
     connect_timeout: float = 120.0
 
@@ -36,10 +38,6 @@ class RunSpec:
     def sources(self) -> list[str]:
         """The source domains in canonical order: a client's index in this list seeds its batches."""
         return [d for d in get_dataset(self.cfg.data.name).domains if d != self.target]
-
-    @property
-    def required_clients(self) -> int:
-        return self.min_clients or len(self.sources)
 
     def run_config(self) -> dict[str, str | int | float]:
         return {"experiment": self.cfg.model_dump_json(), "seed": self.seed, "method": self.method,
@@ -64,8 +62,8 @@ class RunSpec:
         labels = [method_label(m) for m in self.cfg.methods]
         if self.method not in labels:
             raise TripError(f"run config: method {self.method!r} is not in the experiment ({', '.join(labels)})")
-        if not 0 <= self.min_clients <= len(self.sources):
-            raise TripError(f"run config: min-clients must be 0..{len(self.sources)}, got {self.min_clients}")
+        if not 1 <= self.min_clients <= len(self.sources):
+            raise TripError(f"run config: min-clients must be 1..{len(self.sources)}, got {self.min_clients}")
 
 
 def write_run_config(spec: RunSpec, path: Path) -> Path:
@@ -80,6 +78,8 @@ def write_run_config(spec: RunSpec, path: Path) -> Path:
 def node_domain(node_config: UserConfig, spec: RunSpec) -> str:
     """A deployed SuperNode names its domain (`domain="sketch"`); a simulated one has a partition id, the
     index of its domain among the run's source domains."""
+    if str(node_config.get("dataset", spec.cfg.data.name)) != spec.cfg.data.name:
+        raise TripError(f"this SuperNode holds {node_config['dataset']} data; the run is on {spec.cfg.data.name}")
     if "domain" in node_config:
         domain = str(node_config["domain"])
         domains = get_dataset(spec.cfg.data.name).domains
@@ -95,6 +95,12 @@ def node_domain(node_config: UserConfig, spec: RunSpec) -> str:
         return spec.sources[pid]
     raise TripError("node config names no domain: start the SuperNode with --node-config 'domain=\"NAME\" "
                     "data-root=\"DIR\"' (deployment) or 'partition-id=I' (simulation)")
+
+
+def quiet_root_logger() -> None:
+    """Keep Flower's log records off the root logger: open_clip logs through `logging.info`, which installs a
+    root handler, and every Flower line of a ServerApp or worker process would then print twice."""
+    logging.getLogger(LOGGER_NAME).propagate = False
 
 
 def to_record(params: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from trip.errors import TripError
 from trip.federation.client import accuracy
 from trip.federation.flower import node
-from trip.federation.flower.protocol import RunSpec, from_record, to_record
+from trip.federation.flower.protocol import RunSpec, from_record, quiet_root_logger, to_record
 from trip.federation.flower.strategy import Peer, TripStrategy
 from trip.federation.inprocess import select_round
 
@@ -28,6 +28,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    quiet_root_logger()
     spec = RunSpec.from_run_config(context.run_config)
     start = time.perf_counter()
     sources, target_peer = discover(grid, spec)
@@ -73,9 +74,9 @@ def discover(grid: Grid, spec: RunSpec) -> tuple[list[Peer], Peer | None]:
     if twice:
         raise TripError(f"several SuperNodes hold the same domain {twice}: start one SuperNode per domain")
     sources = [Peer(ids[0], d) for d, ids in by_domain.items() if d in spec.sources]
-    if len(sources) < spec.required_clients:
+    if len(sources) < spec.min_clients:
         raise TripError(f"after {spec.connect_timeout:g} s, SuperNodes hold {len(sources)} of the source domains "
-                        f"{spec.sources}, missing {missing}; {spec.required_clients} are required (min-clients)")
+                        f"{spec.sources}, missing {missing}; {spec.min_clients} are required (min-clients)")
     target = by_domain.get(spec.target)
     return sources, Peer(target[0], spec.target) if target else None
 
@@ -99,6 +100,8 @@ def _query(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, str | N
                 log(INFO, "node %d holds %s", node_id, out[node_id])
         if pending:
             time.sleep(0.25)
+    for msg_id in pending:
+        log(WARNING, "node %d did not say which domain it holds within %g s", sent[msg_id], timeout)
     return out
 
 

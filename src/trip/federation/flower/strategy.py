@@ -98,7 +98,7 @@ class TripStrategy(Strategy):
         log(INFO, "TripStrategy: method %s, held out %s, seed %d, sources %s (nodes %s), target on %s, "
             "min clients %d", self.spec.method, self.spec.target, self.spec.seed, self.spec.sources,
             [p.node_id for p in self.sources], self.target_peer.node_id if self.target_peer else "the server",
-            self.spec.required_clients)
+            self.spec.min_clients)
 
     # --- the round ------------------------------------------------------------------------------------
 
@@ -178,15 +178,17 @@ class TripStrategy(Strategy):
         for msg in replies:
             node_id = self._sender(msg)
             try:
+                if node_id not in self.index:
+                    raise UpdateRefused("the node holds no source domain of this run")
                 params, n, loss = check_train_reply(msg, self.params)
             except UpdateRefused as why:
                 self._fail(node_id, f"update refused: {why}")
                 continue
             accepted.append((self.index[node_id], self.peers[node_id].domain, params, n, loss))
         accepted.sort(key=lambda a: a[0])
-        if len(accepted) < self.spec.required_clients:
+        if len(accepted) < self.spec.min_clients:
             raise TripError(f"round {server_round - 1}: {len(accepted)} valid client updates, fewer than the "
-                            f"{self.spec.required_clients} required (min-clients); failures: "
+                            f"{self.spec.min_clients} required (min-clients); failures: "
                             f"{self.round_state['failed']}")
         self.params = fedavg([a[2] for a in accepted], [a[3] for a in accepted])
         if self.bma is not None:

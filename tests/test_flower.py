@@ -21,18 +21,10 @@ from flwr.common.config import parse_config_args
 from trip.cli import main
 from trip.config import parse_config
 from trip.experiment import prepare
-from trip.federation.flower import client_app, node
+from trip.federation.flower import client_app
 from trip.federation.flower.certs import node_keys
 from trip.federation.flower.engine import FlowerRuns
-from trip.federation.flower.local import (
-    LocalFederation,
-    Tls,
-    descendants,
-    free_port,
-    supernode_command,
-    terminate,
-    trip_worker,
-)
+from trip.federation.flower.local import LocalFederation, Tls, descendants, free_port, supernode_command, trip_worker
 from trip.federation.flower.protocol import RunSpec, from_record, to_record
 from trip.federation.flower.strategy import Peer, TripStrategy, UpdateRefused, check_update
 from trip.federation.inprocess import run_federation, select_round
@@ -57,9 +49,15 @@ def cfg():
 
 
 @pytest.fixture(scope="module")
-def reference(cfg):
-    """The in-process engine's run (and a warm frozen-feature cache for every process of the federation)."""
-    ws = prepare(cfg)
+def workspace(cfg):
+    """Also warms the frozen-feature cache that every process of the federations reads."""
+    return prepare(cfg)
+
+
+@pytest.fixture(scope="module")
+def reference(cfg, workspace):
+    """The in-process engine's run."""
+    ws = workspace
     return run_federation(ws.methods[0], ws.clients(TARGET, SEED), ws.target(TARGET), cfg.train, SEED, lambda _: None)
 
 
@@ -89,10 +87,10 @@ def test_check_update_refuses_wrong_names_shapes_dtypes_and_non_finite_values():
             check_update(ArrayRecord(arrays), expected)
 
 
-def test_update_with_nans_is_refused_named_and_the_rest_aggregated(cfg, reference, caplog):
+def test_update_with_nans_is_refused_named_and_the_rest_aggregated(cfg, workspace, caplog):
     """Two ClientApps called directly with a train message, and node 12 replying with NaNs."""
     spec = RunSpec(cfg, SEED, "trip", TARGET, min_clients=2)
-    method = node.method_of(node.workspace(cfg, []), "trip")
+    method = workspace.methods[0]
     init = method.init_params(SEED)
     content = RecordDict({"arrays": to_record(init), "config": ConfigRecord({"server-round": 1, "lr": 0.002})})
     replies = [client_app.app(train_message(content, 10 + pid),
@@ -154,7 +152,7 @@ from flwr.supercore.constant import TaskType
 import trip.federation.flower.client_app
 from trip.federation.flower.worker import run_clientapp_task, runtime_client
 
-api, armed, supernode = sys.argv[1], Path(sys.argv[2]), None
+api, armed = sys.argv[1], Path(sys.argv[2])
 client, seen = runtime_client(api, None), {}
 while True:
     res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
@@ -187,11 +185,10 @@ def tls_federation(tmp_path_factory):
         yield fed
 
 
-def test_tls_and_node_auth_federation_matches_in_process(cfg, reference, tls_federation, tmp_path):
+def test_tls_and_node_auth_federation_matches_in_process(cfg, workspace, reference, tls_federation, tmp_path):
     assert "--enable-supernode-auth" in tls_federation.superlink[0].args
     assert json.loads(tls_federation.flwr("supernode", "list", "trip-local", "--format", "json"))["nodes"]
-    method = node.method_of(node.workspace(cfg, []), "trip")
-    got = FlowerRuns(tls_federation, cfg, tmp_path)(method, TARGET, SEED, lambda _: None)
+    got = FlowerRuns(tls_federation, cfg, tmp_path)(workspace.methods[0], TARGET, SEED, lambda _: None)
     assert without_time(got.history) == without_time(reference.history)
     assert got.models.keys() == reference.models.keys() == {"server", "bma"}
     for model, params in reference.models.items():
@@ -206,9 +203,9 @@ def test_supernode_with_an_unregistered_key_is_refused(tls_federation, tmp_path)
     assert res.returncode != 0 and "Failed to activate SuperNode" in res.stdout + res.stderr, res.stderr[-2000:]
 
 
-def test_node_dying_in_round_two_leaves_a_completed_run_with_fewer_participants(cfg, reference, tls_federation,
-                                                                                tmp_path, monkeypatch):
-    method = node.method_of(node.workspace(cfg, []), "trip")
+def test_node_dying_in_round_two_leaves_a_completed_run_with_fewer_participants(cfg, workspace, reference,
+                                                                                tls_federation, tmp_path,
+                                                                                monkeypatch):
     submit = tls_federation.submit
 
     def submit_armed(run_config: Path) -> int:
@@ -217,7 +214,8 @@ def test_node_dying_in_round_two_leaves_a_completed_run_with_fewer_participants(
         return run_id
 
     monkeypatch.setattr(tls_federation, "submit", submit_armed)
-    got = FlowerRuns(tls_federation, cfg, tmp_path, min_clients=2)(method, TARGET, SEED, lambda _: None)
+    got = FlowerRuns(tls_federation, cfg, tmp_path, min_clients=2)(workspace.methods[0], TARGET, SEED,
+                                                                    lambda _: None)
     dead = reference.history[0]["participants"][2]
     assert got.history[0]["participants"] == reference.history[0]["participants"]
     assert without_time(got.history[:1]) == without_time(reference.history[:1])
@@ -226,15 +224,14 @@ def test_node_dying_in_round_two_leaves_a_completed_run_with_fewer_participants(
     assert dead not in got.history[1]["eval"]["bma"]["val"]
 
 
-def test_stopping_the_federation_stops_every_process(tmp_path):
-    fed = LocalFederation(PARTITIONS[:1], tmp_path / "logs")
-    with fed:
-        procs = [*fed.superlink, *fed.nodes[0]]
-        tree = [pid for p in procs for pid in [p.pid, *descendants(p.pid)]]
+def test_stopping_the_federation_stops_every_process(tls_federation):
+    """Last in the module: the federation's teardown finds nothing left to stop."""
+    procs = [*tls_federation.superlink, *(p for pair in tls_federation.nodes for p in pair)]
+    tree = [pid for p in procs for pid in [p.pid, *descendants(p.pid)]]
+    tls_federation.stop()
     assert all(p.poll() is not None for p in procs)
     assert not [pid for pid in tree if _running(pid)]
-    assert not fed.home.exists()
-    terminate(procs)  # a second stop is harmless
+    assert not tls_federation.home.exists()
 
 
 def _running(pid: int) -> bool:

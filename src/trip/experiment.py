@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from trip import results, viz
+from trip import results
 from trip.backbone import Backbone, cache_dir, load_backbone, resolve_device
 from trip.checkpoint import RunCheckpoints, run_key
 from trip.config import ExperimentCfg, dump_config, method_label
@@ -124,6 +124,8 @@ def _run_all(ws: Workspace, out: Path, runs: list[dict], federate: Federate) -> 
                         runs.append(_run_one(ws, method, target, seed, rounds_file, federate))
                         results.write_results(out, cfg, runs, skipped_images=ws.skipped_images)
     results.write_summary(out, cfg, runs)
+    from trip import viz  # matplotlib: imported only where figures are drawn (not in Flower workers)
+
     viz.write_expert_usage(ws, out)  # before the figures: they read it
     viz.write_run_figures(out)
     return runs

@@ -17,19 +17,19 @@ from safetensors.torch import load_file
 from trip.config import ExperimentCfg
 from trip.errors import TripError
 from trip.experiment import Workspace
-from trip.federation.flower.local import LocalFederation, Tls
+from trip.federation.flower.local import LocalFederation
 from trip.federation.flower.protocol import RunSpec, write_run_config
 from trip.federation.inprocess import FederationResult, RoundLogger
 from trip.methods.base import Method
 
 
 @contextmanager
-def flower_federation(ws: Workspace, out: Path, tls: Tls | None = None) -> Iterator[FlowerRuns]:
+def flower_federation(ws: Workspace, out: Path) -> Iterator[FlowerRuns]:
     """A local federation for the experiment of `ws`, stopped on exit. Prepare `ws` first: the SuperNodes and
     ServerApps then load the frozen features from the cache instead of computing them at once."""
     n = len(ws.dataset.domains) - 1
     configs = [f"partition-id={i} num-partitions={n}" for i in range(n)]
-    with LocalFederation(configs, out / "flower" / "logs", tls) as fed:
+    with LocalFederation(configs, out / "flower" / "logs") as fed:
         yield FlowerRuns(fed, ws.cfg, out / "flower")
 
 

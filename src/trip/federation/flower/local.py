@@ -1,12 +1,12 @@
-"""A real Flower federation on 127.0.0.1: one `flower-superlink` and N `flower-supernode` processes (each served
-by a warm trip worker), with their own temporary FLWR_HOME and free ports, driven with the `flwr` CLI
-(`flwr run`, `flwr list`, `flwr log`), optionally over TLS with SuperNode authentication. The same path as a
-deployment, without ray. Every process it starts is stopped on exit, with everything they started."""
+"""A real Flower federation on 127.0.0.1: one `flower-superlink` and N `flower-supernode` processes, all with
+`--isolation process` and their apps run by warm trip workers, with their own temporary FLWR_HOME and free ports,
+driven with the `flwr` CLI (`flwr run`, `flwr list`, `flwr log`), optionally over TLS with SuperNode
+authentication. The same path as a deployment, without ray. Every process it starts is stopped on exit, with
+everything they started."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,10 +89,7 @@ class LocalFederation:
                  worker: Callable[[int, str], list[str]] = trip_worker):
         self.node_configs, self.logs, self.tls, self.worker = node_configs, logs, tls, worker
         self.home = Path(tempfile.mkdtemp(prefix="trip-flwr-home-"))
-        # flwr's commands are found on PATH by the SuperLink (it starts `flower-superexec`, which starts
-        # `flwr-serverapp`); its executor looks for a new run every second by default
-        self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
-                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home)}
         self.superlink: list[subprocess.Popen] = []  # the SuperLink and the worker that runs its ServerApps
         self.nodes: list[list[subprocess.Popen]] = []  # per node: the SuperNode and its worker
 
@@ -116,8 +114,9 @@ class LocalFederation:
         self._write_connection()
         wait_for_port(port, self.superlink[0], self.logs / "superlink.log")
         if self.tls:
-            for key in self.tls.node_keys[:len(self.node_configs)]:
-                self.flwr("supernode", "register", str(key.with_suffix(".pub")), CONNECTION)
+            keys = [str(key.with_suffix(".pub")) for key in self.tls.node_keys[:len(self.node_configs)]]
+            with ThreadPoolExecutor() as pool:  # one `flwr` process per key: start them together
+                list(pool.map(lambda key: self.flwr("supernode", "register", key, CONNECTION), keys))
         for i in range(len(self.node_configs)):
             self.nodes.append(self._start_node(i))
 
@@ -133,8 +132,8 @@ class LocalFederation:
                                                f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{tls}\n')
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = (self.logs / f"{name}.log").open("ab")
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        with (self.logs / f"{name}.log").open("ab") as log:
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
 
     # --- runs -------------------------------------------------------------------------------------------
 
@@ -155,11 +154,11 @@ class LocalFederation:
         return run["status"], run.get("status-details", "")
 
     def wait(self, run_id: int, on_tick: Callable[[], bool] = lambda: False, poll: float = 0.5,
-             status_every: float = 15.0) -> tuple[str, str]:
+             status_every: float = 30.0) -> tuple[str, str]:
         """Block until the run finishes; its (status, details), e.g. ("finished:completed", ""). `on_tick` runs
         every `poll` s; the status is asked when it returns True (the run looks done) or every `status_every` s
         (each `flwr list` is a process: on a small machine it competes with the run)."""
-        asked = -math.inf
+        asked = time.monotonic()  # just submitted: not done yet
         while True:
             looks_done = on_tick()
             if looks_done or time.monotonic() - asked >= status_every:
@@ -184,24 +183,19 @@ class LocalFederation:
 
     # --- stopping ------------------------------------------------------------------------------------
 
-    def kill_node(self, i: int, sig: int = signal.SIGTERM) -> None:
-        """Stop SuperNode i and its worker (SIGTERM: the SuperNode leaves the federation as a node that shuts
-        down does; SIGKILL: a crash, seen by the SuperLink when its heartbeats stop)."""
-        terminate(self.nodes[i], sig)
-
     def stop(self) -> None:
         for procs in [*self.nodes, self.superlink]:
             terminate(procs)
         shutil.rmtree(self.home, ignore_errors=True)
 
 
-def terminate(procs: list[subprocess.Popen], sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
-    """Stop the processes, their process groups and every descendant (the SuperLink starts its executor in
-    a session of its own)."""
+def terminate(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+    """SIGTERM (SIGKILL after `grace` s) to the processes, their process groups and every descendant (Flower
+    starts some of its processes in sessions of their own)."""
     pids = [p.pid for p in procs if p.poll() is None]
     pids += [d for pid in pids for d in descendants(pid)]
     for pid in pids:
-        _signal(pid, sig)
+        _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
         for p in procs:

@@ -14,7 +14,7 @@ from trip.errors import TripError
 from trip.federation.flower.cli import add_parser as add_flower_command
 
 QUICK = ["train.rounds=2", "data.images_per_class=12"]
-TINY_NOTE = ("Note: a tiny CLIP pretrained for seconds on synthetic shapes. These numbers show the "
+TINY_NOTE = ("Note: a tiny CLIP pretrained for about a minute on synthetic shapes. These numbers show the "
              "machinery works; they say nothing about TRIP on real benchmarks (see docs/reproduce.md).")
 RANDOM_TINY_NOTE = ("Note: a tiny CLIP with random weights: a smoke test of the pipeline; the accuracies mean "
                     "nothing (see docs/reproduce.md).")

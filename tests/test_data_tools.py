@@ -142,6 +142,21 @@ def test_skipping_bad_images_runs_and_records_them(pacs, tmp_path, monkeypatch):
     assert not any(bad in ws.domains[d].paths for d in ws.domains for bad in BAD)
 
 
+@pytest.mark.slow
+def test_with_the_bad_files_gone_the_paper_config_runs_to_its_table(pacs, tmp_path, capsys):
+    for bad in BAD:
+        (pacs / "PACS" / bad).unlink()
+    config = Path(__file__).parents[1] / "configs" / "pacs" / "trip-lite.yaml"
+    out = tmp_path / "run"
+    assert main(["run", str(config), "--data-root", str(pacs), "--backbone", "tiny", "--set", "train.rounds=1",
+                 "--out", str(out)]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted(r["target"] for r in runs) == sorted(bm.PACS_DOMAINS)
+    assert all(0 <= r["acc"] <= 100 for r in runs)
+    table = capsys.readouterr().out
+    assert "trip-lite" in table and all(d in table for d in bm.PACS_DOMAINS)
+
+
 def test_the_parallel_check_finds_the_one_bad_file(tmp_path):
     _tree(tmp_path, ["d"], [f"c{i}" for i in range(30)], per_class=10)
     (tmp_path / "d" / "c7" / "3.png").write_bytes(b"\x89PNG\r\n")

@@ -305,7 +305,13 @@ def init_indices(image_ids: Tensor, num_tokens: int, num_clusters: int, seed: in
     return _draw_init(_image_generators(image_ids, seed), num_tokens, num_clusters)
 
 
-def route(
+@dataclass
+class Routing:
+    weights: Tensor  # [B, M] fp32 mixture weights (rows sum to 1)
+    token_experts: Tensor  # [B, N] expert of each token, -1 where the token was dropped
+
+
+def route_tokens(
     tokens: Tensor,
     keys: Tensor,
     capacity_factor: float | None,
@@ -314,8 +320,8 @@ def route(
     seed: int,
     assignment: Literal["hungarian", "random", "greedy"] = "hungarian",
     **kmeans_kwargs,
-) -> Tensor:
-    """Full router: tokens [B, N, D], keys [M, D] -> mixture weights [B, M] fp32 (rows sum to 1).
+) -> Routing:
+    """Full router: tokens [B, N, D], keys [M, D] -> mixture weights and the expert of every token.
 
     "random" draws randperm(M) from each image's generator right after its init draw; "greedy" sends each
     cluster to its argmax-cosine key (collisions allowed, weights summed per expert).
@@ -324,7 +330,8 @@ def route(
         raise ValueError(f"unknown assignment {assignment!r}")
     num_experts, n = keys.shape[0], tokens.shape[1]
     if tokens.shape[0] == 0:
-        return torch.zeros(0, num_experts, dtype=torch.float32, device=tokens.device)
+        return Routing(torch.zeros(0, num_experts, dtype=torch.float32, device=tokens.device),
+                       torch.zeros(0, n, dtype=torch.int64, device=tokens.device))
     gens = _image_generators(image_ids, seed)
     init = _draw_init(gens, n, num_experts)
     res = capacity_kmeans(tokens, num_experts, capacity_factor, init_index=init, **kmeans_kwargs)
@@ -334,7 +341,13 @@ def route(
         perm = _cosine(res.centroids, keys).argmax(-1)
     else:
         perm = torch.stack([torch.randperm(num_experts, generator=g) for g in gens]).to(tokens.device)
-    return mixture_weights(res.counts, perm)
+    experts = perm.gather(1, res.assign.clamp_min(0)).masked_fill(res.assign < 0, -1)
+    return Routing(mixture_weights(res.counts, perm), experts)
+
+
+def route(tokens: Tensor, keys: Tensor, capacity_factor: float | None, **kwargs) -> Tensor:
+    """The mixture weights [B, M] of `route_tokens` (same arguments)."""
+    return route_tokens(tokens, keys, capacity_factor, **kwargs).weights
 
 
 def image_level_weights(

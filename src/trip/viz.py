@@ -79,30 +79,11 @@ class RoutingMap:
 
 def token_experts(tokens: Tensor, keys: Tensor, capacity: float | None, *, image_ids: Tensor, seed: int,
                   assignment: str = "hungarian", max_iters: int = 100) -> tuple[Tensor, Tensor]:
-    """tokens [B, N, D] -> (expert of each token [B, N], -1 where dropped; mixture weights [B, M]).
-
-    The same steps as `routing.route` (per-image k-means init, capacity k-means, cluster -> expert), so the
-    weights equal the router's and the map shows where they come from."""
-    num_experts, n = keys.shape[0], tokens.shape[1]
-    init = routing.init_indices(image_ids, n, num_experts, seed)
-    res = routing.capacity_kmeans(tokens, num_experts, capacity, init_index=init, max_iters=max_iters)
-    perm = _cluster_experts(res.centroids, keys, image_ids, seed, assignment, n)  # [B, M]
-    experts = perm.gather(1, res.assign.clamp_min(0)).masked_fill(res.assign < 0, -1)
-    return experts, routing.mixture_weights(res.counts, perm)
-
-
-def _cluster_experts(centroids: Tensor, keys: Tensor, image_ids: Tensor, seed: int, assignment: str,
-                     num_tokens: int) -> Tensor:
-    """perm[b, m] = expert of cluster m, by the router's own (private) helpers so that nothing can drift."""
-    if assignment == "hungarian":
-        return routing.assign_experts(centroids, keys)
-    if assignment == "greedy":
-        return routing._cosine(centroids, keys).argmax(-1)
-    if assignment == "random":  # route() draws the permutation right after the image's init draw
-        gens = routing._image_generators(image_ids, seed)
-        routing._draw_init(gens, num_tokens, keys.shape[0])
-        return torch.stack([torch.randperm(keys.shape[0], generator=g) for g in gens]).to(centroids.device)
-    raise ValueError(f"unknown assignment {assignment!r}")
+    """tokens [B, N, D] -> (expert of each token [B, N], -1 where dropped; mixture weights [B, M]): the
+    router itself (`routing.route_tokens`), so the map shows exactly where the cached weights come from."""
+    result = routing.route_tokens(tokens, keys, capacity, image_ids=image_ids, seed=seed, assignment=assignment,
+                                  max_iters=max_iters)
+    return result.token_experts, result.weights
 
 
 def routing_method(cfg: ExperimentCfg) -> TripCfg:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from trip import results
 from trip.backbone import Backbone, cache_dir, load_backbone, resolve_device
 from trip.checkpoint import RunCheckpoints, run_key
-from trip.config import ExperimentCfg, dump_config, method_label
+from trip.config import ExperimentCfg, dump_config
 from trip.data.datasets import DatasetSpec, dataset_root, get_dataset
 from trip.data.folder import Domain, split_indices
 from trip.data.loading import load_domains
@@ -207,7 +207,5 @@ def _run_one(ws: Workspace, method: Method, target: str, seed: int, rounds_file,
     return {**key, **chosen, "comm_params_per_round": method.comm_params,
             "comm_bytes_per_round": 4 * method.comm_params, "rounds": len(result.history),
             "clients": sources, "time_s": round(time.perf_counter() - start, 2),
-            "method_name": ws.cfg.methods[ws.methods.index(method)].name}
+            "method_name": method.cfg.name}
 
-
-__all__ = ["run_experiment", "prepare", "method_label"]

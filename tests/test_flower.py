@@ -99,6 +99,7 @@ def test_update_with_nans_is_refused_named_and_the_rest_aggregated(cfg, workspac
                for pid in range(2)]
     good = [from_record(r.content["arrays"]) for r in replies]
     sizes = [r.content["metrics"]["num-examples"] for r in replies]
+    assert sizes == [len(workspace.domains[d]) for d in spec.sources[:2]]  # the images a node holds
     nans = ArrayRecord({"experts": Array(np.full(tuple(init["experts"].shape), np.nan, np.float32))})
     replies.append(Message(RecordDict({"arrays": nans, "metrics": replies[0].content["metrics"]}),
                            reply_to=train_message(content, 12)))

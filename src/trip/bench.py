@@ -38,7 +38,7 @@ from trip.config import TripCfg
 from trip.data.benchmarks import DOMAINNET_CLASSES, OFFICE_HOME_CLASSES
 from trip.errors import TripError
 from trip.methods.base import Split
-from trip.methods.trip import Trip
+from trip.methods.trip import Trip, distillation_loss
 from trip.reference_router import reference_route
 from trip.textenc import PromptTokens, encode_prompts, encode_prompts_naive
 
@@ -213,12 +213,11 @@ def _naive_logits(method: Trip, params: dict[str, Tensor], feats: Tensor, weight
 
 def _naive_loss(method: Trip, params: dict[str, Tensor], batch: Split, weights: Tensor, tokens: PromptTokens,
                 labels: Tensor) -> Tensor:
-    """Trip.loss (CE + KL to the teacher) on the naive logits, over the classes of `tokens`."""
+    """Trip.loss (CE + soft cross-entropy to the teacher) on the naive logits, over the classes of `tokens`."""
     bb = method.backbone
     student = _naive_logits(method, params, batch.features, weights, tokens)
     teacher = bb.logit_scale * batch.features @ method.teacher[: tokens.num_classes].T
-    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
-    return F.cross_entropy(student, labels) + method.cfg.kl_weight * kl
+    return distillation_loss(student, teacher, labels, method.cfg.kl_weight)
 
 
 def _step(loss_fn: Callable[[], Tensor], opt: torch.optim.Optimizer) -> Callable[[], None]:

@@ -44,6 +44,9 @@ class TrainCfg(_Strict):
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-7, gt=0)
     weight_decay: float = Field(0.01, ge=0)
+    # A client's FedAvg weight: "images", the images it holds (train + val, as the official server weighs),
+    # or "train", its train-split size.
+    fedavg_weight: Literal["images", "train"] = "images"
 
 
 class OptimizerCfg(_Strict):

@@ -53,8 +53,10 @@ class Workspace:
         return [self.client(name, seed) for name in self.dataset.domains if name != target]
 
     def client(self, name: str, seed: int) -> Client:
-        train_idx, val_idx = split_indices(len(self.domains[name]), self.cfg.data.val_fraction, seed)
-        return Client(name, self.split(name, train_idx), self.split(name, val_idx))
+        held = len(self.domains[name])
+        train_idx, val_idx = split_indices(held, self.cfg.data.val_fraction, seed)
+        weight = held if self.cfg.train.fedavg_weight == "images" else len(train_idx)
+        return Client(name, self.split(name, train_idx), self.split(name, val_idx), weight)
 
     def target(self, name: str) -> Split:
         return self.split(name, list(range(len(self.domains[name]))))

@@ -21,7 +21,6 @@ class NonFiniteError(TripError):
 @dataclass
 class ClientUpdate:
     params: dict[str, torch.Tensor]  # the communicated tensors after local training
-    num_examples: int  # FedAvg weight: the client's train-split size
     loss: float  # mean training loss over the round's steps
 
 
@@ -53,7 +52,7 @@ def client_update(method: Method, global_params: dict[str, torch.Tensor], train:
     out = {k: v.detach() for k, v in params.items()}
     if not all(torch.isfinite(v).all() for v in out.values()):
         raise NonFiniteError(f"non-finite parameters after local training at {where}: update discarded")
-    return ClientUpdate(out, len(train), sum(losses) / max(1, len(losses)))
+    return ClientUpdate(out, sum(losses) / max(1, len(losses)))
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ class Client:
     domain: str
     train: Split
     val: Split
+    weight: int  # FedAvg weight: the images the client holds, or its train split (train.fedavg_weight)
 
 
 RoundLogger = Callable[[dict], None]
@@ -80,7 +81,7 @@ def _round(method: Method, clients: list[Client], target: Split, train: TrainCfg
     if not updates:
         raise TripError(f"round {r}: every client failed ({'; '.join(failed.values())}); stopping with the "
                         f"global state of round {r - 1} unchanged")
-    params = fedavg([u.params for u in updates.values()], [u.num_examples for u in updates.values()])
+    params = fedavg([u.params for u in updates.values()], [c.weight for c in clients if c.domain in updates])
     if bma is not None:
         bma.update(params, r)
     models = {"server": params} if bma is None else {"server": params, "bma": bma.params}

@@ -7,10 +7,15 @@ import torch
 from scipy.stats import beta as beta_dist
 
 
-def fedavg(params: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
-    total = float(sum(weights))
-    return {k: sum(p[k].float() * (w / total) for p, w in zip(params, weights, strict=True))
-            for k in params[0]}
+def fedavg_weights(sizes: list[int]) -> list[float]:
+    """a_k = n_k / Σ n, in float64 as the official server computes them (`data_size / total`)."""
+    total = sum(sizes)
+    return [n / total for n in sizes]
+
+
+def fedavg(params: list[dict[str, torch.Tensor]], sizes: list[int]) -> dict[str, torch.Tensor]:
+    weights = fedavg_weights(sizes)
+    return {k: sum(p[k].float() * a for p, a in zip(params, weights, strict=True)) for k in params[0]}
 
 
 def bma_weights(rounds: int, shape: float = 0.2) -> list[float]:

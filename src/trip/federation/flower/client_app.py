@@ -60,10 +60,10 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     r = int(config["server-round"]) - 1
     params = from_record(msg.content["arrays"], site.ws.backbone.device)
-    split = site.ws.client(site.domain, site.spec.seed).train
-    update = client_update(site.method, params, split, site.spec.cfg.train, float(config["lr"]),
+    client = site.ws.client(site.domain, site.spec.seed)
+    update = client_update(site.method, params, client.train, site.spec.cfg.train, float(config["lr"]),
                            round_seed(site.spec.seed, r, site.client_idx), where=f"client {site.domain}, round {r}")
-    metrics = MetricRecord({"num-examples": update.num_examples, "train-loss": update.loss})
+    metrics = MetricRecord({"num-examples": client.weight, "train-loss": update.loss})
     return Message(RecordDict({"arrays": to_record(update.params), "metrics": metrics}), reply_to=msg)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from torchvision import transforms
 
 from trip.config import BackboneCfg
 from trip.errors import TripError
+from trip.weights import cached_pretrained, download_host, load_weights
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -128,14 +130,12 @@ def _tiny(cfg: BackboneCfg) -> tuple[open_clip.model.CLIP, str]:
         from trip.pretrain import pretrained_tiny_clip
 
         return pretrained_tiny_clip()
-    path = Path(cfg.pretrained)
+    path = Path(cfg.pretrained).expanduser()
     if not path.is_file():
         raise TripError(f"backbone.pretrained for 'tiny' must be 'synthetic', null or a weights file; "
                         f"{cfg.pretrained!r} is none of these")
-    from safetensors.torch import load_file
-
     model = new_tiny_clip()
-    model.load_state_dict(load_file(path))
+    load_weights(model, path, "tiny")
     return model, f"tiny:{_file_digest(path)}"
 
 
@@ -144,29 +144,51 @@ def _named(cfg: BackboneCfg) -> tuple[open_clip.model.CLIP, str]:
         raise TripError(f"backbone.name {cfg.name!r} is not an open_clip model (nor 'tiny'); "
                         f"e.g. ViT-B-16, ViT-B-32, ViT-L-14")
     if cfg.pretrained is None:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            return open_clip.create_model(cfg.name, pretrained=None), f"{cfg.name}:random"
+        return _random(cfg.name, bool(cfg.quick_gelu)), f"{cfg.name}:random"
     local = Path(cfg.pretrained).expanduser()
     looks_like_path = local.suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in cfg.pretrained
-    if looks_like_path and not local.is_file():
-        raise TripError(f"backbone.pretrained: no weights file at {local}. " + _WEIGHTS_HELP)
     quick = cfg.quick_gelu if cfg.quick_gelu is not None else (cfg.pretrained == "openai" or looks_like_path)
+    if looks_like_path:
+        if not local.is_file():
+            raise TripError(f"backbone.pretrained: no weights file at {local}. " + _WEIGHTS_HELP)
+        model = _random(cfg.name, quick)
+        load_weights(model, local, cfg.name)
+        return model, f"{cfg.name}:{_file_digest(local)}"
+    return _tagged(cfg.name, cfg.pretrained, quick), f"{cfg.name}:{cfg.pretrained}"
+
+
+def _random(name: str, quick_gelu: bool) -> open_clip.model.CLIP:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+
+
+def _tagged(name: str, tag: str, quick_gelu: bool) -> open_clip.model.CLIP:
+    """open_clip's weights for a pretrained tag: from the cache when they are there; else downloaded, unless the
+    download host cannot be reached, which is said at once (huggingface_hub would retry for about a minute)."""
+    cached = cached_pretrained(name, tag, cache_dir() / "weights")
+    if cached is not None:
+        model = _random(name, quick_gelu)
+        load_weights(model, cached, name)
+        return model
+    host = download_host(name, tag)
     try:
-        model = open_clip.create_model(cfg.name, pretrained=str(local) if looks_like_path else cfg.pretrained,
-                                       force_quick_gelu=quick, cache_dir=str(cache_dir() / "weights"))
-    except Exception as err:  # open_clip raises many kinds when a download fails offline
-        raise TripError(f"could not load the {cfg.name} weights '{cfg.pretrained}' ({type(err).__name__}: "
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as err:
+        raise TripError(f"backbone.pretrained {tag!r}: the {name} weights are not in the cache "
+                        f"({cache_dir() / 'weights'}) and {host} cannot be reached ({err}). " + _WEIGHTS_HELP) from None
+    try:
+        return open_clip.create_model(name, pretrained=tag, force_quick_gelu=quick_gelu,
+                                      cache_dir=str(cache_dir() / "weights"))
+    except Exception as err:  # open_clip raises many kinds when a download fails
+        raise TripError(f"could not load the {name} weights {tag!r} ({type(err).__name__}: "
                         f"{str(err)[:200]}). " + _WEIGHTS_HELP) from None
-    identity = f"{cfg.name}:{_file_digest(local) if looks_like_path else cfg.pretrained}"
-    return model, identity
 
 
 _WEIGHTS_HELP = (
-    "This machine cannot download weights. On a machine with internet run: python -c \"import open_clip; "
-    "open_clip.create_model('ViT-B-16', pretrained='openai', cache_dir='clip-weights')\", copy the "
-    "open_clip_pytorch_model.bin (or OpenAI's ViT-B-16.pt) it fetched, and set backbone.pretrained to "
-    "that file's path (docs/reproduce.md)."
+    "On a machine with internet, get OpenAI's ViT-B-16.pt (the URL: python -c \"import open_clip; "
+    "print(open_clip.get_pretrained_url('ViT-B-16', 'openai'))\"), copy it here, run `trip weights convert "
+    "ViT-B-16.pt ViT-B-16-openai.safetensors`, and set backbone.pretrained to that file (docs/reproduce.md)."
 )
 
 

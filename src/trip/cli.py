@@ -87,7 +87,21 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, help="also write the measurements to this JSON file")
     bench.add_argument("--tiny", action="store_true", help="a tiny model and sizes: seconds, for tests")
     bench.set_defaults(func=_bench)
+
+    weights = sub.add_parser("weights", help="backbone weights files").add_subparsers(dest="action", required=True)
+    convert = weights.add_parser("convert", help="OpenAI's CLIP file (ViT-B-16.pt, a TorchScript archive) to "
+                                 "safetensors for backbone.pretrained; prints its SHA-256 against OpenAI's URL")
+    convert.add_argument("source", type=Path, help="OpenAI's file, e.g. ViT-B-16.pt (only from a trusted source)")
+    convert.add_argument("out", type=Path, help="the .safetensors file to write")
+    convert.set_defaults(func=_convert_weights)
     return p
+
+
+def _convert_weights(args: argparse.Namespace) -> int:
+    from trip.weights import convert_openai
+
+    convert_openai(args.source, args.out)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -107,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
         print(format_plan(make_plan(cfg)))
         return 0
     note = ""
-    if cfg.backbone.name == "tiny":
+    if cfg.backbone.name == "tiny" and cfg.backbone.pretrained in ("synthetic", None):
         note = TINY_NOTE if cfg.backbone.pretrained == "synthetic" else RANDOM_TINY_NOTE
     if args.resume and args.out is None:
         raise TripError("--resume needs --out RUN_FOLDER: the folder of the run to continue")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,47 @@ def _config(path: Path, **data) -> Path:
            "train": {"rounds": 1, "batch_size": 16}, "methods": [{"name": "zeroshot", "templates": "single"}]}
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def test_an_empty_validation_split_is_refused_at_start_and_warned_in_the_dry_run(tmp_path, capsys):
+    config = _config(tmp_path / "c.yaml", max_images_per_domain=4)
+    assert main(["run", str(config), "--dry-run"]) == 0
+    warning = "4 images split into 3 train / 0 validation (data.val_fraction 0.2)"
+    out = capsys.readouterr().out
+    assert f"cartoon, sketch, painting: {warning}" in out and "data.max_images_per_domain to at least 5" in out
+    _refused(capsys, ["run", str(config), "--out", str(tmp_path / "run")], warning,
+             "no validation accuracy to select a round by", "data.max_images_per_domain to at least 5")
+    assert not (tmp_path / "run" / "rounds.jsonl").exists()
+    assert main(["run", str(config), "--dry-run", "--set", "data.max_images_per_domain=5"]) == 0
+    assert "validation split is empty" not in capsys.readouterr().out
+
+
+def test_an_empty_train_split_is_refused_at_start(tmp_path, capsys):
+    config = _config(tmp_path / "c.yaml", images_per_class=2, val_fraction=0.97)
+    assert main(["run", str(config), "--dry-run"]) == 0
+    assert "12 images split into 0 train / 11 validation" in capsys.readouterr().out
+    _refused(capsys, ["run", str(config), "--out", str(tmp_path / "run")], "0 train / 11 validation",
+             "nothing to train on", "data.images_per_class to at least 6")
+
+
+def test_a_nan_accuracy_is_written_as_null(tmp_path):
+    """Refused configs cannot reach an empty split any more, so the workspace of a good one is given a
+    validation fraction that leaves it empty: every file a run writes must still be strict JSON."""
+    from trip import experiment
+    from trip.config import load_config
+
+    ws = experiment.prepare(load_config(_config(tmp_path / "c.yaml")))
+    ws.cfg = ws.cfg.model_copy(update={"data": ws.cfg.data.model_copy(update={"val_fraction": 0.01})})
+    ws.cfg.train.rounds = 1
+    out = tmp_path / "run"
+    out.mkdir()
+    experiment._run_all(ws, out, [], experiment._in_process(ws, out))
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+
+    rounds = [strict(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert rounds and all(r["eval"]["server"]["val_mean"] is None for r in rounds)
+    assert all(isinstance(r["eval"]["server"]["target"], float) for r in rounds)
+    (entry,) = strict((out / "results.json").read_text())["runs"]
+    assert entry["val_mean"] is None and entry["acc"] == rounds[0]["eval"]["server"]["target"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from pathlib import Path
@@ -17,8 +18,24 @@ def write_results(out: Path, cfg: ExperimentCfg, runs: list[dict],
     doc = {"experiment": cfg.name, "dataset": cfg.data.name, "backbone": cfg.backbone.model_dump(),
            "skipped_images": skipped_images or {}, "runs": runs}
     tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.write_text(strict_json(doc, indent=2))
     os.replace(tmp, out / "results.json")
+
+
+def strict_json(value, **kwargs) -> str:
+    """JSON any parser reads: a non-finite float (the accuracy of an empty split) is written as null, never as
+    the bare NaN that Python's json writes and strict parsers refuse."""
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def table_rows(runs: list[dict], dataset: str | None = None) -> tuple[list[str], list[list[str]]]:

@@ -356,8 +356,10 @@ def accuracy_figure(run: RunFiles) -> Figure | None:
 
 def _plot_accuracy(ax: Axes, records: list[dict], field: str, method: str, colour: str) -> None:
     if records and all("train_loss" not in r for r in records):
-        ax.axhline(statistics.fmean(r["eval"]["server"][field] for r in records), color=colour, linestyle=":",
-                   linewidth=1.6, label=f"{method} (no training)")
+        values = [v for r in records if (v := r["eval"]["server"][field]) is not None]  # null: an empty split
+        if values:
+            ax.axhline(statistics.fmean(values), color=colour, linestyle=":", linewidth=1.6,
+                       label=f"{method} (no training)")
         return
     for model, style in (("server", "-"), ("bma", "--")):
         xs, ys = _mean_by_round(records, lambda r, m=model: r["eval"].get(m, {}).get(field))

@@ -131,3 +131,30 @@ def test_a_nan_accuracy_is_written_as_null(tmp_path):
     assert all(isinstance(r["eval"]["server"]["target"], float) for r in rounds)
     (entry,) = strict((out / "results.json").read_text())["runs"]
     assert entry["val_mean"] is None and entry["acc"] == rounds[0]["eval"]["server"]["target"]
+
+
+def test_a_garbage_archive_in_the_download_folder_is_deleted(tmp_path, capsys):
+    """A copy put by hand into the download folder (docs/datasets.md) that is not an archive: no checksum is
+    published for PACS, so only reading it can tell."""
+    from trip.data.download import DOWNLOADS
+
+    archive = tmp_path / DOWNLOADS / "PACS.zip"
+    archive.parent.mkdir()
+    archive.write_bytes(b"<html>this is a login page, not a zip</html>" * 10)
+    _refused(capsys, ["data", "download", "pacs", "--root", str(tmp_path)], str(archive),
+             "not a readable archive", "deleted it", "run the same command again")
+    assert not archive.exists() and not (tmp_path / "pacs").exists()
+
+
+def test_an_image_over_pils_pixel_limit_is_refused_by_viz_routing(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    config = _config(tmp_path / "c.yaml")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["methods"] = [{"name": "trip-lite"}]
+    config.write_text(yaml.safe_dump(cfg))
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: over twice the limit, as PIL refuses
+    _refused(capsys, ["viz", "routing", str(tmp_path / "big.png"), "--config", str(config), "--out",
+                      str(tmp_path / "maps")], "big.png is too large to open safely", "scale it down")
+    assert not (tmp_path / "maps").exists()

@@ -136,6 +136,9 @@ def write_routing_maps(images: list[Path], cfg: ExperimentCfg, out: Path) -> lis
             image = load_image(path)
         except OSError as err:
             raise TripError(f"cannot read image {path}: {err}") from None
+        except Image.DecompressionBombError as err:
+            raise TripError(f"image {path} is too large to open safely ({err}): scale it down, e.g. to 1024 "
+                            f"pixels on its longer side, and pass the smaller copy") from None
         key = image_key(path, spec)
         title = (f"{path.name}: token routing, {method.num_experts} experts, key seed {method.key_seed}, "
                  f"backbone {cfg.backbone.name} (k-means init seeded by id '{key}')")

@@ -33,9 +33,11 @@ def complete(tmp_path_factory) -> Path:
 
 def _unfinished(complete: Path, dest: Path, keep: int) -> Path:
     """The folder an interrupted run leaves: results.json holds the first `keep` entries (it is rewritten after
-    each one), and no figures (they are drawn when the last one ends)."""
+    each one), no figures (they are drawn when the last one ends), and rounds.jsonl may end in a line cut short."""
     shutil.copytree(complete, dest)
     shutil.rmtree(dest / "figures")
+    with (dest / "rounds.jsonl").open("a") as log:
+        log.write('{"method": "promptfl", "target": "sketch", "seed": 1, "rou')
     doc = json.loads((dest / "results.json").read_text())
     doc["runs"] = doc["runs"][:keep]
     (dest / "results.json").write_text(json.dumps(doc))

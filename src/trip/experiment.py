@@ -3,6 +3,7 @@ one run folder (config.yaml, rounds.jsonl, results.json, summary.md)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -111,7 +112,9 @@ def split_problems(cfg: ExperimentCfg, spec: DatasetSpec, sizes: dict[str, int])
 def _more_images(cfg: ExperimentCfg, spec: DatasetSpec, n: int) -> str:
     """The settings that give every split at least one image."""
     vf = cfg.data.val_fraction
-    need = next(m for m in range(1, 1_000_000) if all(len(p) for p in split_indices(m, vf, seed=0)))
+    # The smallest domain split_indices gives an image in each part: int(m·(1−vf)) ≥ 1 and int(m·vf) ≥ 1.
+    need = next(m for m in itertools.count(max(1, int(1 / min(vf, 1 - vf)) - 1))
+                if int(m * (1 - vf)) >= 1 and int(m * vf) >= 1)
     limit = cfg.data.max_images_per_domain
     if limit is not None and limit < need:
         fix = f"Set data.max_images_per_domain to at least {need}"

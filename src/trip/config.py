@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trip.errors import TripError
+
+SEED_LIMIT = 2**32  # numpy's RandomState takes seeds 0 .. 2**32 - 1
 
 
 class _Strict(BaseModel):
@@ -33,6 +35,15 @@ class DataCfg(_Strict):
     skip_bad_images: bool = False  # True: leave unreadable images out (counted in results.json); False: refuse
     domainnet_splits: Literal["all", "official"] = "all"  # official: only images in <domain>_train/_test.txt
     class_list: Literal["canonical", "folders"] = "canonical"  # folders: the copy's sorted class folder names
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_listed_once(cls, targets: list[str] | str) -> list[str] | str:
+        if isinstance(targets, list):
+            if not targets:
+                raise ValueError("no held-out domain listed: name at least one, or write `targets: all`")
+            _refuse_repeats(targets, "held-out domain", "a repeated target is the same run again")
+        return targets
 
 
 class TrainCfg(_Strict):
@@ -137,6 +148,16 @@ class ExperimentCfg(_Strict):
     train: TrainCfg = Field(default_factory=TrainCfg)
     methods: list[MethodCfg] = Field(min_length=1)
 
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_in_range_and_distinct(cls, seeds: list[int]) -> list[int]:
+        bad = [s for s in seeds if not 0 <= s < SEED_LIMIT]
+        if bad:
+            raise ValueError(f"seeds {bad} are out of range: a seed is an integer from 0 to 2**32 - 1 "
+                             f"(numpy's RandomState)")
+        _refuse_repeats(seeds, "seed", "a repeated seed reruns the same run and fakes a spread of ± 0.00")
+        return seeds
+
     @model_validator(mode="after")
     def _distinct_labels(self) -> ExperimentCfg:
         labels = [method_label(m) for m in self.methods]
@@ -144,6 +165,12 @@ class ExperimentCfg(_Strict):
         if repeated:
             raise ValueError(f"two methods share the label {repeated}: give each a distinct `label`")
         return self
+
+
+def _refuse_repeats(values: list, what: str, why: str) -> None:
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{what} {', '.join(map(str, repeated))} is listed more than once ({why}): list each once")
 
 
 def method_label(method: ZeroShotCfg | PromptFLCfg | TripCfg | FedCLIPCfg) -> str:
@@ -163,6 +190,9 @@ def _explain(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"] if not _is_union_tag(p))
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{key}': remove it or check its spelling")
+        elif e["type"] == "value_error":  # our validators' messages name the values themselves
+            reason = str(e["ctx"]["error"])
+            lines.append(f"  key '{key}': {reason}" if key else f"  {reason}")
         else:
             lines.append(f"  key '{key}': {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
@@ -174,17 +204,40 @@ def _is_union_tag(part: Any) -> bool:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentCfg:
     path = Path(path)
-    if not path.is_file():
-        raise TripError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise TripError(f"{path} is not valid YAML: {err}") from None
+    raw = read_yaml(path, "config") or {}
     if not isinstance(raw, dict):
         raise TripError(f"{path} must hold a mapping of config keys at the top level")
     for item in overrides:
         apply_override(raw, item)
     return parse_config(raw, source=str(path))
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML document in `path`; a folder, a missing file, bytes that are not UTF-8 or a syntax error end in
+    a TripError naming the cause and where."""
+    if path.is_dir():
+        hint = f"; did you mean {path / 'config.yaml'}?" if (path / "config.yaml").is_file() else ""
+        raise TripError(f"{path} is a folder, not a {what} file: pass the YAML file itself{hint}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise TripError(f"{what} file not found: {path}") from None
+    except OSError as err:
+        raise TripError(f"cannot read the {what} file {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise TripError(f"{path} is not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x}): "
+                        f"save the {what} file as UTF-8") from None
+    return _parse_yaml(text, str(path))
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise TripError(f"{where} is not valid YAML: {problem}{at}; fix the syntax there") from None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -194,21 +247,27 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         raise TripError(f"--set expects key=value, got {item!r}")
     *parents, last = key.split(".")
     node: Any = raw
-    for part in parents:
-        node = _child(node, part, key)
-    parsed = yaml.safe_load(value)
+    for depth, part in enumerate(parents):
+        node = _child(node, part, key, ".".join(parents[:depth + 1]))
+    parsed = _parse_yaml(value, f"the value of --set {key}")
     if isinstance(node, list):
         node[_index(node, last, key)] = parsed
     else:
         node[last] = parsed
 
 
-def _child(node: Any, part: str, key: str) -> Any:
+def _child(node: dict | list, part: str, key: str, path: str) -> dict | list:
+    """The mapping or list at `part` of `node` (an empty mapping where the config has nothing there yet)."""
     if isinstance(node, list):
-        return node[_index(node, part, key)]
-    if not isinstance(node, dict):
-        raise TripError(f"--set {key}: '{part}' is not inside a mapping")
-    return node.setdefault(part, {})
+        child = node[_index(node, part, key)]
+    else:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+    if not isinstance(child, dict | list):
+        raise TripError(f"--set {key}: '{path}' is the value {child!r}, which has no keys inside; "
+                        f"set '{path}' itself (--set {path}=VALUE) or check the key's spelling")
+    return child
 
 
 def _index(node: list, part: str, key: str) -> int:

@@ -3,6 +3,7 @@ one run folder (config.yaml, rounds.jsonl, results.json, summary.md)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -79,6 +80,10 @@ def prepare(cfg: ExperimentCfg, only: list[str] | None = None) -> Workspace:
     root = dataset_root(spec, cfg.data.root, cfg.data.images_per_class, seed=0) if names else None
     data = load_domains(spec, root, cfg.data, names)  # refuses unreadable images unless data.skip_bad_images
     spec, domains = data.spec, data.domains
+    problems = split_problems(cfg, spec, {d: len(dom) for d, dom in domains.items()})
+    if problems:
+        raise TripError("\n  ".join(["a domain's split is empty, so the runs cannot train or select a round:",
+                                        *problems]))
     device = resolve_device(cfg.device)
     backbone = load_backbone(cfg.backbone, device)
     methods = [build_method(m, backbone, spec.classes) for m in cfg.methods]
@@ -86,6 +91,40 @@ def prepare(cfg: ExperimentCfg, only: list[str] | None = None) -> Workspace:
     store = FrozenStore(backbone, cache_dir())
     frozen = {d: store.load(spec.name, dom, needed) for d, dom in domains.items()}
     return Workspace(cfg, backbone, spec, domains, frozen, methods, data.skipped_counts())
+
+
+def split_problems(cfg: ExperimentCfg, spec: DatasetSpec, sizes: dict[str, int]) -> list[str]:
+    """What makes a run meaningless before it starts: a domain with no images, or a source domain (a client of
+    some run) whose train or validation split is empty. `sizes`: images per domain, as the runs would use them."""
+    targets = targets_of(cfg, spec)
+    vf = cfg.data.val_fraction
+    problems: dict[str, list[str]] = {}  # problem -> the domains that have it
+    for domain, n in sizes.items():
+        train, val = (len(part) for part in split_indices(n, vf, seed=0))  # the sizes do not depend on the seed
+        if n == 0:
+            problems.setdefault("no images left to use", []).append(domain)
+        elif (not train or not val) and any(t != domain for t in targets):
+            empty = "train split is empty: a client with nothing to train on" if not train else \
+                "validation split is empty: no validation accuracy to select a round by"
+            problems.setdefault(f"{n} images split into {train} train / {val} validation (data.val_fraction {vf}); "
+                                f"the {empty}. {_more_images(cfg, spec, n)}", []).append(domain)
+    return [f"{', '.join(domains)}: {problem}" for problem, domains in problems.items()]
+
+
+def _more_images(cfg: ExperimentCfg, spec: DatasetSpec, n: int) -> str:
+    """The settings that give every split at least one image."""
+    vf = cfg.data.val_fraction
+    # The smallest domain split_indices gives an image in each part: int(m·(1−vf)) ≥ 1 and int(m·vf) ≥ 1.
+    need = next(m for m in itertools.count(max(1, int(1 / min(vf, 1 - vf)) - 1))
+                if int(m * (1 - vf)) >= 1 and int(m * vf) >= 1)
+    limit = cfg.data.max_images_per_domain
+    if limit is not None and limit < need:
+        fix = f"Set data.max_images_per_domain to at least {need}"
+    elif spec.name == "synthetic":
+        fix = f"Set data.images_per_class to at least {-(-need // len(spec.classes))}"
+    else:
+        fix = f"The domain needs at least {need} images (it has {n})"
+    return f"{fix}, or change data.val_fraction."
 
 
 Federate = Callable[[Method, str, int, RoundLogger], FederationResult]  # (method, target, seed, log)
@@ -196,7 +235,7 @@ def _run_one(ws: Workspace, method: Method, target: str, seed: int, rounds_file,
     key = {"method": method.label, "target": target, "seed": seed}
 
     def log(record: dict) -> None:
-        rounds_file.write(json.dumps({**key, **record}) + "\n")
+        rounds_file.write(results.strict_json({**key, **record}) + "\n")
         rounds_file.flush()
         ev = record["eval"]["bma" if "bma" in record["eval"] else "server"]
         bar.set_postfix(val=f"{ev['val_mean']:.1f}", target=f"{ev['target']:.1f}")

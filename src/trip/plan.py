@@ -13,10 +13,10 @@ import open_clip
 from trip.backbone import TINY_CFG
 from trip.config import BackboneCfg, ExperimentCfg, method_label
 from trip.data.datasets import DatasetSpec, dataset_root, get_dataset
-from trip.data.folder import split_indices
+from trip.data.folder import Domain, split_indices, subsample
 from trip.data.loading import scan_domains
 from trip.errors import TripError
-from trip.experiment import targets_of
+from trip.experiment import split_problems, targets_of
 from trip.methods import comm_params
 from trip.results import text_table
 
@@ -56,8 +56,7 @@ def make_plan(cfg: ExperimentCfg) -> Plan:
     domains = {d: _split_sizes(len(lab), cfg.data.val_fraction) for d, lab in labels.items()}
     warnings += [f"{d}: {n} of {len(spec.classes)} classes have no images" for d, lab in labels.items()
                  if (n := int((np.bincount(lab, minlength=len(spec.classes)) == 0).sum()))]
-    warnings += [f"{d}: no training images for its client (train split of {p.images} images is empty)"
-                 for d, p in domains.items() if p.train == 0]
+    warnings += split_problems(cfg, spec, {d: p.images for d, p in domains.items()})
     params = {method_label(m): comm_params(m, *widths) for m in cfg.methods}
     return Plan(cfg, spec, where, domains, targets, weights, widths, params, warnings)
 
@@ -93,7 +92,8 @@ def _scan(cfg: ExperimentCfg, spec: DatasetSpec) -> tuple[DatasetSpec, str, dict
     """The spec whose class list the labels index, where the data is, the labels of each domain's images as a
     run would use them (found and subsampled, not decoded), and warnings."""
     if spec.name == "synthetic":  # written on first use: nothing on disk to check yet
-        labels = np.repeat(np.arange(len(spec.classes)), cfg.data.images_per_class)
+        labels = np.repeat(np.arange(len(spec.classes)), cfg.data.images_per_class)  # sorted as the files are
+        labels = subsample(Domain("", Path(), [""] * len(labels), labels), cfg.data.max_images_per_domain, 0).labels
         return spec, "generated on the first run", {d: labels for d in spec.domains}, []
     root = dataset_root(spec, cfg.data.root, cfg.data.images_per_class, seed=0)
     spec, domains = scan_domains(spec, root, cfg.data)

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+from trip.config import load_config
+from trip.errors import TripError
+from trip.outputs import check_writable
 from trip.paper import SOURCE, published
-from trip.results import markdown_table, table_rows
-from trip.viz import FIGURES_DIR, RunFiles, write_run_figures
+from trip.results import Planned, markdown_table, table_rows
+from trip.viz import FIGURES_DIR, RunFiles, draw_run_figures
 
 FIGURE_CAPTIONS = {  # file in <run>/figures/ -> caption, in report order
     "accuracy.png": "Accuracy per round: held-out target (top) and mean source validation (bottom)",
@@ -23,6 +26,9 @@ FIGURE_CAPTIONS = {  # file in <run>/figures/ -> caption, in report order
     "expert_usage.png": "Expert usage per domain: mean mixture weight and top-expert share",
     "communication.png": "Communication per round",
 }
+# What the tables read of each results.json entry.
+RESULT_KEYS = {"method", "target", "seed", "acc", "comm_params_per_round", "comm_bytes_per_round", "rounds", "time_s"}
+SHOWN_MISSING = 20  # missing runs named per unfinished run folder
 
 
 @dataclass
@@ -30,6 +36,7 @@ class Run:
     path: Path
     label: str
     files: RunFiles
+    planned: Planned  # what its config asks for
 
     @property
     def runs(self) -> list[dict]:
@@ -39,31 +46,67 @@ class Run:
     def dataset(self) -> str:
         return self.files.results.get("dataset", "")
 
+    @property
+    def missing(self) -> list[tuple[str, str, int]]:
+        return self.planned.missing(self.runs)
+
+    @property
+    def status(self) -> str:
+        total = len(self.planned.seeds) * len(self.planned.methods) * len(self.planned.targets)
+        return f"unfinished: {total - len(self.missing)} of {total} runs" if self.missing else "finished"
+
 
 def load_runs(run_dirs: list[Path]) -> list[Run]:
     """Each folder labelled by its name, or by parent/name where two names are the same."""
     names = [Path(d).resolve().name for d in run_dirs]
-    return [Run(Path(d), n if names.count(n) == 1 else "/".join(Path(d).resolve().parts[-2:]), RunFiles.read(Path(d)))
+    return [read_run(Path(d), n if names.count(n) == 1 else "/".join(Path(d).resolve().parts[-2:]))
             for d, n in zip(run_dirs, names)]
 
 
+def read_run(path: Path, label: str) -> Run:
+    """A run folder as its files are, finished or not (a run that finished nothing yet has no results.json)."""
+    if not (path / "config.yaml").is_file():
+        raise TripError(f"{path} is not a run folder (no config.yaml): pass the --out folder of `trip run` or "
+                        f"`trip demo`")
+    try:
+        cfg = load_config(path / "config.yaml")
+    except TripError as err:
+        raise TripError(f"run folder {path} is damaged: {err}") from None
+    if (path / "results.json").is_file():
+        files = RunFiles.read(path)
+        _check_entries(files.results, path / "results.json")
+    else:
+        files = RunFiles({"experiment": cfg.name, "dataset": cfg.data.name, "backbone": cfg.backbone.model_dump(),
+                          "runs": []}, [], None)
+    return Run(path, label, files, Planned.of(cfg))
+
+
+def _check_entries(results, path: Path) -> None:
+    runs = results.get("runs") if isinstance(results, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and RESULT_KEYS <= r.keys() for r in runs):
+        raise TripError(f"{path} does not hold trip results (a 'runs' list of entries with "
+                        f"{', '.join(sorted(RESULT_KEYS))}): restore it, or leave its run folder out")
+
+
 def write_report(run_dirs: list[Path], out: Path, html_page: bool = False) -> list[Path]:
-    """Write the Markdown report to `out` (and `out` with suffix .html); draws missing run figures first."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = build_report(load_runs(run_dirs), out.parent)
+    """Write the Markdown report to `out` (and `out` with suffix .html). A run folder without figures gets them
+    drawn into `<out stem>-figures/` beside the report: nothing is written into the run folders."""
+    page = out.with_suffix(".html")
+    for path in [out, page] if html_page else [out]:
+        check_writable(path, "--out", "report.md")
+    text = build_report(load_runs(run_dirs), out.parent, out.parent / f"{out.stem}-figures")
     out.write_text(text)
     written = [out]
     if html_page:
-        page = out.with_suffix(".html")
         page.write_text(markdown_to_html(text, out.parent, title="TRIP report"))
         written.append(page)
     return written
 
 
-def build_report(runs: list[Run], report_dir: Path) -> str:
-    sections = [_overview(runs, report_dir), _accuracy(runs), _communication(runs), _timing(runs),
-                _figures(runs, report_dir)]
-    return "\n\n".join(sections) + "\n"
+def build_report(runs: list[Run], report_dir: Path, figures_dir: Path) -> str:
+    sections = [_overview(runs, report_dir), _unfinished(runs), _accuracy(runs), _communication(runs),
+                _timing(runs), _figures(runs, report_dir, figures_dir)]
+    return "\n\n".join(s for s in sections if s) + "\n"
 
 
 def _rel(path: Path, report_dir: Path) -> str:
@@ -74,18 +117,33 @@ def _overview(runs: list[Run], report_dir: Path) -> str:
     rows = []
     for run in runs:
         bb = run.files.results.get("backbone", {})
-        seeds = sorted({r["seed"] for r in run.runs})
-        methods = list(dict.fromkeys(r["method"] for r in run.runs))
         folder = f"[{run.path.name}]({quote(_rel(run.path, report_dir))})"
         rows.append([run.label, run.files.name, f"`{run.dataset}`", f"`{bb.get('name')}` ({bb.get('pretrained')})",
-                     ", ".join(map(str, seeds)), ", ".join(methods), folder])
+                     ", ".join(map(str, run.planned.seeds)), ", ".join(run.planned.methods), run.status, folder])
     lines = [f"# TRIP report: {len(runs)} run{'s' * (len(runs) != 1)}", "",
              f"Made by `trip report` on {time.strftime('%Y-%m-%d %H:%M')} from the run folders' files.", "",
-             markdown_table(["run", "experiment", "data set", "backbone", "seeds", "methods", "folder"], rows)]
+             markdown_table(["run", "experiment", "data set", "backbone", "seeds", "methods", "status", "folder"],
+                            rows)]
     if any(run.files.results.get("backbone", {}).get("name") == "tiny" for run in runs):
         lines += ["", "Runs on the `tiny` backbone show that the machinery works; their accuracies say nothing "
                   "about TRIP on real benchmarks."]
     return "\n".join(lines)
+
+
+def _unfinished(runs: list[Run]) -> str:
+    """What each unfinished run folder lacks: its config's (method, held-out domain, seed) without a result."""
+    lines = []
+    for run in runs:
+        if missing := run.missing:
+            named = [f"{m} held out {t} (seed {s})" for m, t, s in missing[:SHOWN_MISSING]]
+            more = f"; and {len(missing) - SHOWN_MISSING} more" if len(missing) > SHOWN_MISSING else ""
+            lines.append(f"- **{run.label}** ({run.status}): missing {'; '.join(named)}{more}")
+    if not lines:
+        return ""
+    return "\n".join(["## Unfinished runs", "",
+                      "These folders hold fewer results than their config asks for (seeds × methods × held-out "
+                      "domains): continue them with `trip run CONFIG --out FOLDER`. In the tables, a cell over "
+                      "fewer seeds than planned says how many it has, and a missing one is \"—\".", "", *lines])
 
 
 def _accuracy(runs: list[Run]) -> str:
@@ -93,7 +151,7 @@ def _accuracy(runs: list[Run]) -> str:
     the paper's numbers where published."""
     groups: dict[tuple, tuple[list[str], list[list[str]]]] = {}
     for run in runs:
-        header, rows = table_rows(run.runs, run.dataset)
+        header, rows = table_rows(run.runs, run.dataset, run.planned)
         _, all_rows = groups.setdefault((run.dataset, *header), (["run", *header], []))
         all_rows += [[run.label, *row] for row in rows]
     lines = ["## Target accuracy (%)", "",
@@ -149,18 +207,19 @@ def _timing(runs: list[Run]) -> str:
                       markdown_table(header, rows)])
 
 
-def _run_figures(run: Run) -> list[Path]:
-    folder = run.path / FIGURES_DIR
-    found = sorted(folder.glob("*.png")) or write_run_figures(run.path)
+def _run_figures(run: Run, figures_dir: Path) -> list[Path]:
+    """The run folder's own figures, or ones drawn from its files into `figures_dir` (never into the folder)."""
+    found = sorted((run.path / FIGURES_DIR).glob("*.png")) or \
+        draw_run_figures(run.files, figures_dir / re.sub(r"[^\w.-]+", "_", run.label))
     order = list(FIGURE_CAPTIONS)
     return sorted(found, key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
 
 
-def _figures(runs: list[Run], report_dir: Path) -> str:
+def _figures(runs: list[Run], report_dir: Path, figures_dir: Path) -> str:
     lines = ["## Figures"]
     for run in runs:
         lines += ["", f"### {run.label}"]
-        for fig in _run_figures(run):
+        for fig in _run_figures(run, figures_dir):
             caption = FIGURE_CAPTIONS.get(fig.name, fig.stem.replace("_", " "))
             lines += ["", f"![{caption} ({run.label})]({quote(_rel(fig, report_dir))})"]
     return "\n".join(lines)

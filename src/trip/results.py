@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from trip.config import ExperimentCfg, method_label
+from trip.data.datasets import get_dataset
 from trip.paper import PAPER_COMM, SOURCE, published
 
 
@@ -17,15 +20,54 @@ def write_results(out: Path, cfg: ExperimentCfg, runs: list[dict],
     doc = {"experiment": cfg.name, "dataset": cfg.data.name, "backbone": cfg.backbone.model_dump(),
            "skipped_images": skipped_images or {}, "runs": runs}
     tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.write_text(strict_json(doc, indent=2))
     os.replace(tmp, out / "results.json")
 
 
-def table_rows(runs: list[dict], dataset: str | None = None) -> tuple[list[str], list[list[str]]]:
+def strict_json(value, **kwargs) -> str:
+    """JSON any parser reads: a non-finite float (the accuracy of an empty split) is written as null, never as
+    the bare NaN that Python's json writes and strict parsers refuse."""
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What a config asks for: every (method, target, seed) a finished run folder holds one entry of."""
+
+    methods: list[str]
+    targets: list[str]
+    seeds: list[int]
+
+    @classmethod
+    def of(cls, cfg: ExperimentCfg) -> Planned:
+        targets = get_dataset(cfg.data.name).domains if cfg.data.targets == "all" else cfg.data.targets
+        return cls([method_label(m) for m in cfg.methods], list(targets), list(cfg.seeds))
+
+    def missing(self, runs: list[dict]) -> list[tuple[str, str, int]]:
+        """The (method, target, seed) entries not in `runs`, in the order a run makes them."""
+        done = {(r["method"], r["target"], r["seed"]) for r in runs}
+        return [(m, t, s) for s in self.seeds for m in self.methods for t in self.targets if (m, t, s) not in done]
+
+
+def table_rows(runs: list[dict], dataset: str | None = None,
+               planned: Planned | None = None) -> tuple[list[str], list[list[str]]]:
     """Methods × targets (+ average) in %, mean ± std over seeds where there are several. With `dataset`, a
-    method with published numbers (trip.paper) is followed by the paper's row and ours − paper."""
-    targets = list(dict.fromkeys(r["target"] for r in runs))
-    methods = list(dict.fromkeys(r["method"] for r in runs))
+    method with published numbers (trip.paper) is followed by the paper's row and ours − paper. With `planned`
+    (the run's config), its methods and targets are the rows and columns, and a cell over fewer seeds than
+    planned says so ("(1/3 seeds)"): an unfinished run is never averaged as if complete."""
+    targets = planned.targets if planned else list(dict.fromkeys(r["target"] for r in runs))
+    methods = planned.methods if planned else list(dict.fromkeys(r["method"] for r in runs))
+    seeds_planned = len(planned.seeds) if planned else 0
     header = ["method", *targets, "avg", "params/round"]
     rows = []
     for m in methods:
@@ -34,29 +76,36 @@ def table_rows(runs: list[dict], dataset: str | None = None) -> tuple[list[str],
         seeds = sorted({r["seed"] for r in mine})
         per_seed_avg = [statistics.fmean(r["acc"] for r in mine if r["seed"] == s) for s in seeds
                         if len({r["target"] for r in mine if r["seed"] == s}) == len(targets)]
-        rows.append([m, *map(_cell, per_target), _cell(per_seed_avg), f"{mine[0]['comm_params_per_round']:,}"])
+        params = f"{mine[0]['comm_params_per_round']:,}" if mine else "—"
+        rows.append([m, *(_cell(v, seeds_planned) for v in [*per_target, per_seed_avg]), params])
         paper = published(dataset, m) if dataset else None
         if paper:
-            rows += _paper_rows(m, paper, targets, [*per_target, per_seed_avg])
+            rows += _paper_rows(m, paper, targets, [*per_target, per_seed_avg], seeds_planned)
     return header, rows
 
 
-def _paper_rows(label: str, paper: dict[str, float], targets: list[str],
-                ours: list[list[float]]) -> list[list[str]]:
+def _paper_rows(label: str, paper: dict[str, float], targets: list[str], ours: list[list[float]],
+                planned_seeds: int = 0) -> list[list[str]]:
     """The published row and ours − paper per cell; the average only when we ran the paper's targets."""
     theirs = [paper.get(t) for t in targets] + [paper["avg"]]
     comparable = [*(p is not None for p in theirs[:-1]), set(targets) == set(paper) - {"avg"}]
-    diffs = [f"{statistics.fmean(o) - p:+.2f}" if o and ok else "—" for o, p, ok in zip(ours, theirs, comparable)]
+    diffs = [f"{statistics.fmean(o) - p:+.2f}{_partial(o, planned_seeds)}" if o and ok else "—"
+             for o, p, ok in zip(ours, theirs, comparable)]
     return [[f"{label} (paper)", *("—" if p is None else f"{p:.2f}" for p in theirs), PAPER_COMM.get(label, "")],
             [f"{label} (ours − paper)", *diffs, ""]]
 
 
-def _cell(values: list[float]) -> str:
+def _cell(values: list[float], planned_seeds: int = 0) -> str:
+    """Mean (± std) of `values`, one per seed; marked where fewer seeds than `planned_seeds` are done."""
     if not values:
         return "—"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+    text = f"{values[0]:.2f}" if len(values) == 1 else \
+        f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+    return text + _partial(values, planned_seeds)
+
+
+def _partial(values: list[float], planned_seeds: int) -> str:
+    return f" ({len(values)}/{planned_seeds} seeds)" if len(values) < planned_seeds else ""
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -136,6 +136,9 @@ def write_routing_maps(images: list[Path], cfg: ExperimentCfg, out: Path) -> lis
             image = load_image(path)
         except OSError as err:
             raise TripError(f"cannot read image {path}: {err}") from None
+        except Image.DecompressionBombError as err:
+            raise TripError(f"image {path} is too large to open safely ({err}): scale it down, e.g. to 1024 "
+                            f"pixels on its longer side, and pass the smaller copy") from None
         key = image_key(path, spec)
         title = (f"{path.name}: token routing, {method.num_experts} experts, key seed {method.key_seed}, "
                  f"backbone {cfg.backbone.name} (k-means init seeded by id '{key}')")
@@ -269,21 +272,42 @@ class RunFiles:
         if not results_path.is_file():
             raise TripError(f"{run_dir} is not a run folder (no results.json): pass the --out folder of "
                             f"`trip run` or `trip demo`")
-        rounds_path, usage_path = run_dir / "rounds.jsonl", run_dir / EXPERT_USAGE_FILE
-        rounds = [json.loads(line) for line in rounds_path.read_text().splitlines() if line.strip()] \
-            if rounds_path.is_file() else []
-        usage = json.loads(usage_path.read_text()) if usage_path.is_file() else None
-        return cls(json.loads(results_path.read_text()), rounds, usage)
+        usage_path = run_dir / EXPERT_USAGE_FILE
+        usage = read_json(usage_path) if usage_path.is_file() else None
+        return cls(read_json(results_path), read_rounds(run_dir), usage)
 
     @property
     def name(self) -> str:
         return self.results.get("experiment", "run")
 
 
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise TripError(f"{path} is damaged ({type(err).__name__}: {err}): restore it, or leave its run folder "
+                        f"out") from None
+
+
+def read_rounds(run_dir: Path) -> list[dict]:
+    """The round records of rounds.jsonl; a line cut short (a run killed while writing it) is left out."""
+    path = run_dir / "rounds.jsonl"
+    records = []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 def write_run_figures(out_dir: Path) -> list[Path]:
     """Draw the figures of a run folder into `<out_dir>/figures/` from its files alone (results.json,
     rounds.jsonl, and expert_usage.json where present); returns the PNGs written."""
-    run = RunFiles.read(Path(out_dir))
+    return draw_run_figures(RunFiles.read(Path(out_dir)), Path(out_dir) / FIGURES_DIR)
+
+
+def draw_run_figures(run: RunFiles, dest: Path) -> list[Path]:
     drawers: dict[str, Callable[[RunFiles], Figure | None]] = {
         "accuracy.png": accuracy_figure, "train_loss.png": train_loss_figure,
         "expert_usage.png": expert_usage_figure, "communication.png": communication_figure,
@@ -292,7 +316,7 @@ def write_run_figures(out_dir: Path) -> list[Path]:
     for name, draw in drawers.items():
         fig = draw(run)
         if fig is not None:
-            written.append(_save(fig, Path(out_dir) / FIGURES_DIR / name))
+            written.append(_save(fig, dest / name))
     return written
 
 
@@ -356,8 +380,10 @@ def accuracy_figure(run: RunFiles) -> Figure | None:
 
 def _plot_accuracy(ax: Axes, records: list[dict], field: str, method: str, colour: str) -> None:
     if records and all("train_loss" not in r for r in records):
-        ax.axhline(statistics.fmean(r["eval"]["server"][field] for r in records), color=colour, linestyle=":",
-                   linewidth=1.6, label=f"{method} (no training)")
+        values = [v for r in records if (v := r["eval"]["server"][field]) is not None]  # null: an empty split
+        if values:
+            ax.axhline(statistics.fmean(values), color=colour, linestyle=":", linewidth=1.6,
+                       label=f"{method} (no training)")
         return
     for model, style in (("server", "-"), ("bma", "--")):
         xs, ys = _mean_by_round(records, lambda r, m=model: r["eval"].get(m, {}).get(field))

@@ -8,8 +8,10 @@ with a mirror's (`<mirror>/<archive file name>`)."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
+import lzma
 import os
 import re
 import shutil
@@ -18,6 +20,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,6 +34,8 @@ CONNECT_TIMEOUT = 5.0  # seconds: offline fails at once
 READ_TIMEOUT = 60.0
 CHUNK = 1 << 20
 DOWNLOADS = ".trip-downloads"
+# What reading a damaged zip or (compressed) tar raises.
+BROKEN_ARCHIVE = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
 
 
 def download(spec: DatasetSpec, root: Path, archives: tuple[Archive, ...], keep: bool = False) -> list[str]:
@@ -175,8 +180,8 @@ def checked_sha256(path: Path, checksum: str | None) -> str:
 def install(spec: DatasetSpec, path: Path, archive: Archive, target: Path) -> None:
     """Extract `path` and move its domain folders, under their canonical names, into `target` (a loose
     file is copied there). Extraction goes to a scratch folder first, so a failure leaves `target` as it was."""
-    target.mkdir(parents=True, exist_ok=True)
     if not archive.domains:
+        target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target / archive.filename)
         return
     scratch = path.with_name(path.name + ".extract")
@@ -184,6 +189,7 @@ def install(spec: DatasetSpec, path: Path, archive: Archive, target: Path) -> No
     try:
         extract(path, scratch)
         parent = domains_parent(spec, scratch, archive.domains)
+        target.mkdir(parents=True, exist_ok=True)
         for domain in archive.domains:
             found = next(f for f in spec.domain_folders(domain) if (parent / f).is_dir())
             os.replace(parent / found, target / domain)
@@ -192,6 +198,16 @@ def install(spec: DatasetSpec, path: Path, archive: Archive, target: Path) -> No
 
 
 def extract(path: Path, dest: Path) -> None:
+    """Extract `path` into `dest`; an archive that cannot be read is deleted (it is never right to reuse it)."""
+    try:
+        _extract(path, dest)
+    except BROKEN_ARCHIVE as err:
+        path.unlink(missing_ok=True)
+        raise TripError(f"{path} is not a readable archive ({type(err).__name__}: {err}): deleted it; run the "
+                        f"same command again to download it afresh (or copy a good one there)") from None
+
+
+def _extract(path: Path, dest: Path) -> None:
     name = path.name.lower()
     if name.endswith(".zip"):
         with zipfile.ZipFile(path) as z:

@@ -13,9 +13,10 @@ import torch
 from flwr.app import Array, ArrayRecord, UserConfig
 from flwr.common.logger import LOGGER_NAME
 
-from trip.config import ExperimentCfg, method_label, parse_config
+from trip.config import SEED_LIMIT, ExperimentCfg, method_label, parse_config
 from trip.data.datasets import get_dataset
 from trip.errors import TripError
+from trip.outputs import write_text
 
 APP_DIR = Path(__file__).parent / "app"  # the Flower App that `flwr run` bundles
 MODELS = ("server", "bma")  # names of the models a round evaluates (as the in-process engine)
@@ -62,6 +63,8 @@ class RunSpec:
         labels = [method_label(m) for m in self.cfg.methods]
         if self.method not in labels:
             raise TripError(f"run config: method {self.method!r} is not in the experiment ({', '.join(labels)})")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise TripError(f"run config: seed {self.seed} is out of range: a seed is an integer from 0 to 2**32 - 1")
         if not 1 <= self.min_clients <= len(self.sources):
             raise TripError(f"run config: min-clients must be 1..{len(self.sources)}, got {self.min_clients}")
 
@@ -71,8 +74,7 @@ def write_run_config(spec: RunSpec, path: Path) -> Path:
     import tomli_w
 
     spec.check()
-    path.write_text(tomli_w.dumps(spec.run_config()))
-    return path
+    return write_text(path, tomli_w.dumps(spec.run_config()), "-o", "run.toml")
 
 
 def node_domain(node_config: UserConfig, spec: RunSpec) -> str:

@@ -6,7 +6,6 @@ run config's `out-dir` (on the SuperLink's machine)."""
 
 from __future__ import annotations
 
-import json
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -22,6 +21,7 @@ from trip.federation.flower import node
 from trip.federation.flower.protocol import RunSpec, from_record, quiet_root_logger, to_record
 from trip.federation.flower.strategy import Peer, TripStrategy
 from trip.federation.inprocess import select_round
+from trip.results import strict_json
 
 app = ServerApp()
 
@@ -111,7 +111,7 @@ def _log_round(record: dict, out: Path | None) -> None:
         record.get("participants", "-"), ev["val_mean"], ev["target"])
     if out:
         with (out / "rounds.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strict_json(record) + "\n")
 
 
 def _write_result(out: Path, strategy: TripStrategy, chosen: dict, seconds: float) -> None:
@@ -121,5 +121,5 @@ def _write_result(out: Path, strategy: TripStrategy, chosen: dict, seconds: floa
     doc = {"selected": chosen, "rounds": len(strategy.history), "clients": strategy.spec.sources,
            "comm_params_per_round": strategy.method.comm_params, "time_s": round(seconds, 2)}
     tmp = out / "result.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.write_text(strict_json(doc, indent=2))
     tmp.replace(out / "result.json")

@@ -104,7 +104,7 @@ def test_a_bad_feature_file_is_rebuilt_with_a_warning(damage, data, clean, tiny_
     assert capsys.readouterr().err == ""
 
 
-TINY_PRETRAIN = {"version": 2, "images": 48, "steps": 2, "groups": 2, "lr": 4e-3, "seed": 0}
+TINY_PRETRAIN = {"version": 3, "images": 48, "steps": 2, "groups": 2, "lr": 4e-3, "seed": 0}
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "wrong-keys"])

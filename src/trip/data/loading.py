@@ -130,7 +130,7 @@ def cached_unreadable(dataset: str, root: Path, domain: Domain) -> dict[str, str
     from trip.backbone import cache_dir
 
     digest = hashlib.sha256("\n".join([str(root.resolve()), *domain.paths]).encode()).hexdigest()
-    path = cache_dir() / "imagecheck" / dataset / f"{domain.name}-{digest[:16]}.json"
+    path = cache_dir() / "imagecheck" / dataset / f"{domain.name}-{digest[:16]}-v2.json"  # v2: checksummed
     cached = _read(path, digest, len(domain))
     if cached is not None:
         rechecked = {p: image_problem(root / p) for p in cached}

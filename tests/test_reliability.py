@@ -123,7 +123,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("trip.checkpoint.save_file", no_space)
+    monkeypatch.setattr("trip.safefile.save_file", no_space)
     with pytest.raises(TripError, match=r"No space left.*previous checkpoint .*round-0000.* still valid"):
         ckpt.save(_state(2))
     monkeypatch.undo()

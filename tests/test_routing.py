@@ -281,3 +281,26 @@ def test_image_level_weights():
     torch.testing.assert_close(soft.sum(1), torch.ones(5))
     assert torch.equal(soft.argmax(1), hard.argmax(1))
     assert np.all(soft.numpy() > 0)
+
+
+def test_train_and_infer_runs_draw_independent_stable_inits():
+    ids = torch.tensor([0, 1, 7, 2**48 - 1, 123456])
+    train, infer = init_indices(ids, 197, 4, seed=5, run="train"), init_indices(ids, 197, 4, seed=5, run="infer")
+    assert not (train == infer).all(1).any()  # no image shares its init between the two runs
+    assert torch.equal(train, init_indices(ids, 197, 4, seed=5))  # "train" is the default
+    assert torch.equal(infer, init_indices(ids, 197, 4, seed=5, run="infer"))  # deterministic
+    assert torch.equal(infer[2:3], init_indices(ids[2:3], 197, 4, seed=5, run="infer"))  # per image
+    assert not torch.equal(infer, init_indices(ids, 197, 4, seed=6, run="infer"))
+    with pytest.raises(ValueError, match="unknown routing run"):
+        init_indices(ids, 197, 4, seed=5, run="test")
+
+
+def test_infer_run_matches_the_reference_with_its_own_init():
+    x = clustered_tokens(5, 197, 48, 5, seed=22, dtype=torch.float32)
+    ids, keys = torch.tensor([4, 8, 15, 16, 23]), static_keys(4, 48, seed=0)
+    full = route(x, keys, 2.0, image_ids=ids, seed=5, run="infer")
+    init = init_indices(ids, 197, 4, seed=5, run="infer")
+    for b in range(5):
+        assert torch.equal(full[b], reference_route(x[b], keys, 2.0, init[b]))
+        assert torch.equal(route(x[b : b + 1], keys, 2.0, image_ids=ids[b : b + 1], seed=5, run="infer")[0], full[b])
+    assert not torch.equal(route(x, keys, 2.0, image_ids=ids, seed=5, run="train"), full)

@@ -55,7 +55,7 @@ def test_render_basic_and_deterministic() -> None:
 
 def test_write_domains_layout_and_determinism(tmp_path: Path) -> None:
     out = write_domains(tmp_path / "a", images_per_class=2, seed=0)
-    assert out == tmp_path / "a" / "synthetic"
+    assert out == tmp_path / "a" / "synthetic-v3-n2-seed0-32px"
     files = sorted(out.rglob("*.png"))
     assert len(files) == len(DOMAINS) * len(CLASSES) * 2
     for d, c, i in itertools.product(DOMAINS, CLASSES, range(2)):
@@ -74,18 +74,28 @@ def test_write_domains_layout_and_determinism(tmp_path: Path) -> None:
     assert all(more[k] == v for k, v in _tree(out).items())
 
 
-def test_write_domains_idempotent_and_rewrites(tmp_path: Path) -> None:
+def test_write_domains_idempotent_and_keyed_by_settings(tmp_path: Path) -> None:
     out = write_domains(tmp_path, images_per_class=2, seed=0)
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert write_domains(tmp_path, images_per_class=2, seed=0) == out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes
 
-    (out / "photo" / "star" / "stale.png").write_bytes(b"x")
-    write_domains(tmp_path, images_per_class=1, seed=0)
-    files = sorted(out.rglob("*.png"))
+    one = write_domains(tmp_path, images_per_class=1, seed=0)
+    assert one != out and {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes
+    files = sorted(one.rglob("*.png"))
     assert len(files) == len(DOMAINS) * len(CLASSES)
     assert all(f.name.endswith("_0000.png") for f in files)
-    assert json.loads((out / "manifest.json").read_text())["images_per_class"] == 1
+    assert json.loads((one / "manifest.json").read_text())["images_per_class"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_write_domains_redraws_a_folder_edited_by_hand(tmp_path: Path) -> None:
+    out = write_domains(tmp_path, images_per_class=1, seed=0)
+    (out / "manifest.json").unlink()
+    (out / "photo" / "star" / "stale.png").write_bytes(b"x")
+    assert write_domains(tmp_path, images_per_class=1, seed=0) == out
+    assert not (out / "photo" / "star" / "stale.png").exists()
+    assert len(list(out.rglob("*.png"))) == len(DOMAINS) * len(CLASSES)
 
 
 def test_caption_corpus() -> None:

@@ -92,19 +92,17 @@ class Backbone:
 
 
 def clip_transform(size: int) -> transforms.Compose:
-    return transforms.Compose([
-        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(size),
-        lambda image: image.convert("RGB"),
-        transforms.ToTensor(),
-        transforms.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
+    """open_clip's (and the official code's) test transform: resize the short side (bicubic) and centre-crop
+    the image in its own mode, then convert to RGB, ToTensor, Normalize. Converting before the crop gives other
+    pixels for P, RGBA, LA and CMYK images."""
+    return open_clip.transform.image_transform(size, is_train=False, mean=CLIP_MEAN, std=CLIP_STD)
 
 
 def load_image(path: Path) -> Image.Image:
+    """The decoded image in its own mode: `clip_transform` converts it to RGB after the crop."""
     with Image.open(path) as image:
         image.load()
-        return image.convert("RGB")
+        return image
 
 
 def load_backbone(cfg: BackboneCfg, device: torch.device) -> Backbone:

@@ -1,22 +1,19 @@
 """Per-round checkpoints of one federated run: everything needed to continue it exactly, in safetensors
-(tensors) plus JSON (round, BMA weight sum, the per-round history). Written atomically (temporary file,
-fsync, rename); the last two are kept, so a file cut short by a crash or a full disk leaves the previous
+(tensors) plus JSON (round, BMA weight sum, the per-round history), checksummed and written atomically
+(`trip.safefile`); the last two are kept, so a file cut short by a crash or a full disk leaves the previous
 one valid. Nothing is ever unpickled."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
+from trip import safefile
 from trip.errors import TripError
 
 KEEP = 2
@@ -37,14 +34,6 @@ def run_key(method: str, target: str, seed: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{method}__{target}__seed{seed}")
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 class RunCheckpoints:
     def __init__(self, folder: Path):
         self.folder = folder
@@ -57,17 +46,11 @@ class RunCheckpoints:
         if state.bma_params is not None:
             tensors |= {f"bma.{k}": v.detach().cpu().contiguous() for k, v in state.bma_params.items()}
         meta = {"next_round": str(state.next_round), "bma_total": repr(state.bma_total),
-                "history": json.dumps(state.history), "sha256": _digest(tensors)}
+                "history": json.dumps(state.history)}
         path = self.folder / f"round-{state.next_round - 1:04d}.safetensors"
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            safefile.write_tensors(path, tensors, meta)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             previous = self.files()
             kept = f"the previous checkpoint {previous[-1]} is still valid" if previous else "no earlier checkpoint"
             raise TripError(f"could not write checkpoint {path} ({err.strerror or err}); {kept}. Free disk "
@@ -81,18 +64,14 @@ class RunCheckpoints:
         for path in reversed(self.files()):
             try:
                 return _load(path)
-            except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+            except (safefile.BadFile, ValueError, KeyError) as err:
                 print(f"warning: checkpoint {path} is unreadable or corrupt ({err}); using the one before it",
                       file=sys.stderr)
         return None
 
 
 def _load(path: Path) -> FederationState:
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    tensors = load_file(path)
-    if _digest(tensors) != meta.get("sha256"):
-        raise ValueError("checksum mismatch")
+    tensors, meta = safefile.read_tensors(path)
     split = {"server": {}, "bma": {}}
     for name, value in tensors.items():
         kind, _, key = name.partition(".")

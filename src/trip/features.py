@@ -1,25 +1,26 @@
 """The frozen path, computed once per image and cached (spec §10.2): image features, the CLS token of
 the final block, and the router's mixture weights for every routing setting a run needs.
 
-With no augmentation every image maps to one fixed tensor, so this is exact. A cache file is bound to
-the backbone's identity and to the sorted list of the domain's relative image paths (its SHA-256 is in
-the file and in its name); a file that does not match, or does not load, is rebuilt, never half-used."""
+With no augmentation every image maps to one fixed tensor, so this is exact. A cache file is named by the
+backbone's identity, the preprocessing version and the SHA-256 of the domain's sorted relative image paths;
+it records the SHA-256 of every image's (path, size, mtime) and of its own tensors (`trip.safefile`). Images
+changed on disk, or a file altered, cut short or for other images, are recomputed (with a note), never
+half-used."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from trip import routing
+from trip import routing, safefile
 from trip.backbone import Backbone, load_image
 from trip.data.folder import Domain
 from trip.errors import TripError
@@ -32,8 +33,9 @@ class RoutingSpec:
     num_experts: int
     capacity: float | None  # None: plain k-means (ablation)
     iters: int = 100
-    key_seed: int = 0  # seeds the static keys and, with the image id, each image's k-means init
+    key_seed: int = 0  # seeds the static keys and, with the image id and the run, each image's k-means init
     assignment: str = "hungarian"
+    run: str = "train"  # "train" or "infer": the official router draws a fresh init for each of the two runs
 
     def key(self) -> str:
         return "route-" + hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -46,6 +48,11 @@ class DomainFeatures:
     routing: dict[str, torch.Tensor]  # RoutingSpec.key() -> [L, M] mixture weights
 
 
+# Part of every cache key: bumped whenever the pixels or the router's draws of an image change
+# (2: RGB conversion after the crop, as open_clip; a k-means init per routing run).
+FORMAT = 2
+
+
 def image_id(relative_path: str) -> int:
     """A stable 48-bit id per image: seeds its k-means init whatever batch it lands in."""
     return int.from_bytes(hashlib.blake2b(relative_path.encode(), digest_size=6).digest(), "big")
@@ -55,24 +62,37 @@ def paths_digest(paths: list[str]) -> str:
     return hashlib.sha256("\n".join(paths).encode()).hexdigest()
 
 
+def images_digest(domain: Domain) -> str:
+    """SHA-256 of every image's (relative path, size, mtime_ns): a stat per file, cheap even for DomainNet."""
+    h = hashlib.sha256()
+    for p in domain.paths:
+        try:
+            st = os.stat(domain.root / p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:  # reading it fails later, with a message that names the file
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()
+
+
 class FrozenStore:
     def __init__(self, backbone: Backbone, cache_root: Path, batch_size: int = 64):
         self.backbone = backbone
-        ident = hashlib.sha256(backbone.identity.encode()).hexdigest()[:12]
+        ident = hashlib.sha256(f"{backbone.identity}|format{FORMAT}".encode()).hexdigest()[:12]
         self.folder = cache_root / "frozen" / ident
         self.batch_size = batch_size
 
     def load(self, dataset: str, domain: Domain, specs: list[RoutingSpec]) -> DomainFeatures:
         digest = paths_digest(domain.paths)
         path = self.folder / dataset / f"{domain.name}-{digest[:16]}.safetensors"
-        cached = _read(path, digest)
+        meta = {"paths_sha256": digest, "images_sha256": images_digest(domain), "count": str(len(domain))}
+        cached = _read(path, meta, domain.name)
         wanted = {s.key(): s for s in specs}
         if cached is not None and all(k in cached for k in wanted):
             return _unpack(cached, wanted)
         fresh = self._compute(domain, list(wanted.values()))
         if cached is not None:  # keep routing settings computed earlier for other runs
             fresh = {**cached, **fresh}
-        _write(path, fresh, digest, len(domain))
+        safefile.write_tensors(path, fresh, meta)
         return _unpack(fresh, wanted)
 
     @torch.no_grad()
@@ -92,7 +112,8 @@ class FrozenStore:
             for spec in specs:
                 k = spec.key()
                 w = routing.route(tokens, keys[k].to(tokens.device), spec.capacity, image_ids=batch_ids,
-                                  seed=spec.key_seed, assignment=spec.assignment, max_iters=spec.iters)
+                                  seed=spec.key_seed, run=spec.run, assignment=spec.assignment,
+                                  max_iters=spec.iters)
                 out[k].append(w.float().cpu())
         return {k: torch.cat(v) for k, v in out.items()}
 
@@ -117,32 +138,33 @@ def _workers(n: int) -> int:
     return 0 if n < 2000 else min(8, max(0, (os.cpu_count() or 1) - 1))
 
 
-def _read(path: Path, digest: str) -> dict[str, torch.Tensor] | None:
+def _read(path: Path, meta: dict[str, str], domain: str) -> dict[str, torch.Tensor] | None:
+    """The cached tensors if the file is whole and was made from these images; else None (with a note)."""
     if not path.is_file():
         return None
     try:
-        from safetensors import safe_open
+        tensors, stored = safefile.read_tensors(path)
+        _check_shapes(tensors, int(meta["count"]))
+    except safefile.BadFile as err:
+        safefile.warn_rebuild("frozen-feature cache", path, err)
+        return None
+    if stored.get("paths_sha256") != meta["paths_sha256"]:
+        safefile.warn_rebuild("frozen-feature cache", path, "it belongs to other images")
+        return None
+    if stored.get("images_sha256") != meta["images_sha256"]:
+        print(f"note: images of {domain} changed on disk (size or modification time) since their features were "
+              f"cached; recomputing them", file=sys.stderr)
+        return None
+    return tensors
 
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("paths_sha256") != digest:
-                return None
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError):
-        return None  # truncated or corrupt: recompute
 
-
-def _write(path: Path, tensors: dict[str, torch.Tensor], digest: str, count: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-              metadata={"paths_sha256": digest, "count": str(count)})
-    os.replace(tmp, path)
+def _check_shapes(tensors: dict[str, torch.Tensor], count: int) -> None:
+    if "features" not in tensors or "cls" not in tensors:
+        raise safefile.BadFile("features or cls missing")
+    for name, t in tensors.items():
+        if t.dim() != 2 or len(t) != count:
+            raise safefile.BadFile(f"{name} has shape {tuple(t.shape)}, expected {count} rows")
 
 
 def _unpack(tensors: dict[str, torch.Tensor], wanted: dict[str, RoutingSpec]) -> DomainFeatures:
-    n = len(tensors["features"])
-    for k in wanted:
-        if len(tensors[k]) != n:
-            raise TripError(f"frozen cache is inconsistent ({k} has {len(tensors[k])} rows, features {n}); "
-                            f"delete the cache folder and rerun")
     return DomainFeatures(tensors["features"], tensors["cls"], {k: tensors[k] for k in wanted})

@@ -1,23 +1,25 @@
 """Contrastive pretraining of the tiny CLIP on the synthetic caption corpus, so the demo's backbone
-knows the synthetic classes a little, as real CLIP knows real ones. Done once, then cached."""
+knows the synthetic classes a little, as real CLIP knows real ones. Done once, then cached in a checksummed
+file (`trip.safefile`): a file cut short or altered is pretrained again, with a warning."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from trip import safefile
 from trip.backbone import CLIP_MEAN, CLIP_STD, TINY_CFG, cache_dir, new_tiny_clip
 from trip.data import synthetic
 
-PRETRAIN = {"version": 2, "images": 2400, "steps": 600, "groups": 16, "lr": 4e-3, "seed": 0}
+# version 3: the same weights as 2, in a checksummed file (a version-2 file has no checksum to verify)
+PRETRAIN = {"version": 3, "images": 2400, "steps": 600, "groups": 16, "lr": 4e-3, "seed": 0}
 
 
 def pretrained_tiny_clip() -> tuple[open_clip.model.CLIP, str]:
@@ -25,15 +27,21 @@ def pretrained_tiny_clip() -> tuple[open_clip.model.CLIP, str]:
     key = key.hexdigest()[:12]
     path = cache_dir() / f"tiny-clip-synthetic-{key}.safetensors"
     model = new_tiny_clip()
-    if path.is_file():
-        model.load_state_dict(load_file(path))
-    else:
+    if not (path.is_file() and _load(model, path)):
+        model = new_tiny_clip()  # a failed load may have filled part of it
         pretrain(model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
+        safefile.write_tensors(path, model.state_dict())
     return model, f"tiny:synthetic-{key}"
+
+
+def _load(model: open_clip.model.CLIP, path: Path) -> bool:
+    try:
+        tensors, _ = safefile.read_tensors(path)
+        model.load_state_dict(tensors)
+    except (safefile.BadFile, RuntimeError) as err:  # RuntimeError: missing, unexpected or misshapen keys
+        safefile.warn_rebuild("pretrained tiny CLIP", path, str(err).splitlines()[0])
+        return False
+    return True
 
 
 def pretrain(model: open_clip.model.CLIP) -> None:

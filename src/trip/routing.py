@@ -8,6 +8,7 @@ differ in the last ulp, which changes a result only at an exact tie.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -29,7 +30,7 @@ __all__ = [
     "static_keys",
 ]
 
-SEED_STRIDE = 1_000_003  # per-image k-means seed = seed * SEED_STRIDE + image_id
+RUNS = ("train", "infer")  # the two routing runs of an image, each with its own k-means init (spec §3.1)
 CPU_BLOCK_SIZE = 32  # images per k-means block on CPU, by measurement (benchmarks/bench_routing.py --blocks)
 
 
@@ -292,17 +293,26 @@ def mixture_weights(counts: Tensor, perm: Tensor) -> Tensor:
     return w / counts.sum(1, keepdim=True).clamp_min(1).to(torch.float32)
 
 
-def _image_generators(image_ids: Tensor, seed: int) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed((seed * SEED_STRIDE + i) % 2**64) for i in image_ids.tolist()]
+def _image_generators(image_ids: Tensor, seed: int, run: str) -> list[torch.Generator]:
+    """One generator per image and run, seeded by a hash of (seed, image id, run): the two runs of an image
+    draw independent inits, as the official router's two successive randperm calls do."""
+    if run not in RUNS:
+        raise ValueError(f"unknown routing run {run!r}; expected one of {RUNS}")
+    return [torch.Generator().manual_seed(_run_seed(seed, i, run)) for i in image_ids.tolist()]
+
+
+def _run_seed(seed: int, image_id: int, run: str) -> int:
+    text = f"{seed}/{image_id}/{run}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
 
 
 def _draw_init(gens: list[torch.Generator], num_tokens: int, num_clusters: int) -> Tensor:
     return torch.stack([torch.randperm(num_tokens, generator=g)[:num_clusters] for g in gens])
 
 
-def init_indices(image_ids: Tensor, num_tokens: int, num_clusters: int, seed: int) -> Tensor:
-    """[B, M] k-means init of each image: randperm(N)[:M] from Generator((seed * 1_000_003 + id) mod 2^64)."""
-    return _draw_init(_image_generators(image_ids, seed), num_tokens, num_clusters)
+def init_indices(image_ids: Tensor, num_tokens: int, num_clusters: int, seed: int, run: str = "train") -> Tensor:
+    """[B, M] k-means init of each image in one run: randperm(N)[:M] from that image's and run's generator."""
+    return _draw_init(_image_generators(image_ids, seed, run), num_tokens, num_clusters)
 
 
 @dataclass
@@ -318,12 +328,14 @@ def route_tokens(
     *,
     image_ids: Tensor,
     seed: int,
+    run: str = "train",
     assignment: Literal["hungarian", "random", "greedy"] = "hungarian",
     **kmeans_kwargs,
 ) -> Routing:
     """Full router: tokens [B, N, D], keys [M, D] -> mixture weights and the expert of every token.
 
-    "random" draws randperm(M) from each image's generator right after its init draw; "greedy" sends each
+    `run` ("train" or "infer", the capacity run) picks the k-means init: each image draws an independent one
+    per run. "random" draws randperm(M) from each image's generator right after its init draw; "greedy" sends each
     cluster to its argmax-cosine key (collisions allowed, weights summed per expert).
     """
     if assignment not in ("hungarian", "random", "greedy"):
@@ -332,7 +344,7 @@ def route_tokens(
     if tokens.shape[0] == 0:
         return Routing(torch.zeros(0, num_experts, dtype=torch.float32, device=tokens.device),
                        torch.zeros(0, n, dtype=torch.int64, device=tokens.device))
-    gens = _image_generators(image_ids, seed)
+    gens = _image_generators(image_ids, seed, run)
     init = _draw_init(gens, n, num_experts)
     res = capacity_kmeans(tokens, num_experts, capacity_factor, init_index=init, **kmeans_kwargs)
     if assignment == "hungarian":

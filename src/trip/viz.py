@@ -78,11 +78,11 @@ class RoutingMap:
 
 
 def token_experts(tokens: Tensor, keys: Tensor, capacity: float | None, *, image_ids: Tensor, seed: int,
-                  assignment: str = "hungarian", max_iters: int = 100) -> tuple[Tensor, Tensor]:
+                  run: str = "train", assignment: str = "hungarian", max_iters: int = 100) -> tuple[Tensor, Tensor]:
     """tokens [B, N, D] -> (expert of each token [B, N], -1 where dropped; mixture weights [B, M]): the
     router itself (`routing.route_tokens`), so the map shows exactly where the cached weights come from."""
-    result = routing.route_tokens(tokens, keys, capacity, image_ids=image_ids, seed=seed, assignment=assignment,
-                                  max_iters=max_iters)
+    result = routing.route_tokens(tokens, keys, capacity, image_ids=image_ids, seed=seed, run=run,
+                                  assignment=assignment, max_iters=max_iters)
     return result.token_experts, result.weights
 
 
@@ -117,8 +117,9 @@ def routing_maps(backbone: Backbone, image: Image.Image, key: str, method: TripC
     keys = routing.static_keys(method.num_experts, backbone.vision_width, method.key_seed).to(tokens.device)
     ids = torch.tensor([image_id(key)], dtype=torch.int64)
     maps = []
-    for phase, capacity in (("train", method.capacity_train), ("inference", method.capacity_infer)):
-        experts, weights = token_experts(tokens, keys, capacity, image_ids=ids, seed=method.key_seed,
+    for phase, run, capacity in (("train", "train", method.capacity_train),
+                                 ("inference", "infer", method.capacity_infer)):
+        experts, weights = token_experts(tokens, keys, capacity, image_ids=ids, seed=method.key_seed, run=run,
                                          assignment=method.assignment, max_iters=method.kmeans_iters)
         maps.append(RoutingMap(phase, capacity, experts[0].cpu(), weights[0].cpu()))
     return maps
@@ -157,7 +158,7 @@ def _map_names(images: list[Path]) -> list[str]:
 def routing_figure(image: Image.Image, maps: list[RoutingMap], title: str) -> Figure:
     side = min(image.size)  # the centre square: the region the CLIP transform (resize, centre crop) sees
     left, top = (image.width - side) // 2, (image.height - side) // 2
-    crop = np.asarray(image.crop((left, top, left + side, top + side)))
+    crop = np.asarray(image.crop((left, top, left + side, top + side)).convert("RGB"))
     num_experts = len(maps[0].weights)
     fig = Figure(figsize=(4.0 * (len(maps) + 1), 5.6), layout="constrained")
     grid = fig.add_gridspec(2, len(maps) + 1, height_ratios=(3.4, 1.3))

@@ -82,7 +82,8 @@ def get_dataset(name: str) -> DatasetSpec:
 
 def dataset_root(spec: DatasetSpec, root: str | None, images_per_class: int, seed: int) -> Path:
     """The folder holding `<domain>/<class>/<image>` for this data set. The synthetic set is written on
-    first use; real ones are looked up under `root` (or $TRIP_DATA) by any of their folder names."""
+    first use, under `root` (or the cache) in a folder named by its settings (`synthetic.folder_name`); real
+    ones are looked up under `root` (or $TRIP_DATA) by any of their folder names."""
     if spec.name == "synthetic":
         from trip.backbone import cache_dir
 

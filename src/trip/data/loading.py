@@ -3,13 +3,12 @@ DomainNet optionally restricted to its official split files, subsampled, and eve
 
 Unreadable images stop the run before it starts (naming them), or with `data.skip_bad_images` are left out
 and counted. The decode check is cached per domain by the digest of its data root and path list, so a
-second run re-opens only the files found bad before (to notice a repaired one)."""
+second run re-opens only the files found bad before (to notice a repaired one). The cache file is checksummed
+(`trip.safefile`): an altered or truncated one is ignored with a warning and the check runs again."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -127,16 +126,17 @@ def without(domain: Domain, drop: set[str]) -> Domain:
 
 
 def cached_unreadable(dataset: str, root: Path, domain: Domain) -> dict[str, str]:
-    from trip.backbone import cache_dir  # here, so that `trip data` commands do not import torch
+    from trip import safefile  # here, so that `trip data` commands do not import torch
+    from trip.backbone import cache_dir
 
     digest = hashlib.sha256("\n".join([str(root.resolve()), *domain.paths]).encode()).hexdigest()
-    path = cache_dir() / "imagecheck" / dataset / f"{domain.name}-{digest[:16]}.json"
-    cached = _read(path, digest)
+    path = cache_dir() / "imagecheck" / dataset / f"{domain.name}-{digest[:16]}-v2.json"  # v2: checksummed
+    cached = _read(path, digest, len(domain))
     if cached is not None:
         rechecked = {p: image_problem(root / p) for p in cached}
         return {p: why for p, why in rechecked.items() if why is not None}
     bad = find_unreadable(root, domain.paths, desc=f"checking images of {domain.name}")
-    _write(path, {"paths_sha256": digest, "count": len(domain), "bad": bad})
+    safefile.write_json(path, {"paths_sha256": digest, "count": len(domain), "bad": bad})
     return bad
 
 
@@ -150,17 +150,18 @@ def bad_images_message(bad: dict[str, dict[str, str]]) -> str:
                       "(the count goes to results.json). `trip data verify` lists every problem."])
 
 
-def _read(path: Path, digest: str) -> dict[str, str] | None:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
+def _read(path: Path, digest: str, count: int) -> dict[str, str] | None:
+    from trip import safefile
+
+    if not path.is_file():
         return None
-    bad = doc.get("bad") if isinstance(doc, dict) and doc.get("paths_sha256") == digest else None
-    return bad if isinstance(bad, dict) else None
-
-
-def _write(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    try:
+        doc = safefile.read_json(path)
+    except safefile.BadFile as err:
+        safefile.warn_rebuild("image-check cache", path, err)
+        return None
+    bad = doc.get("bad")
+    if doc.get("paths_sha256") != digest or doc.get("count") != count or not isinstance(bad, dict):
+        safefile.warn_rebuild("image-check cache", path, "it belongs to other images")
+        return None
+    return bad

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import colorsys
 import json
+import os
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -194,37 +196,54 @@ def render(class_name: str, domain: str, rng: np.random.Generator, size: int = 3
     return _render(class_name, domain, rng, size)[0]
 
 
-def write_domains(root: Path, images_per_class: int, seed: int, size: int = 32) -> Path:
-    """Write ``<root>/synthetic/<domain>/<class>/<domain>_<class>_<i:04d>.png``; return ``<root>/synthetic``.
+def folder_name(images_per_class: int, seed: int, size: int = 32) -> str:
+    """The set's folder is named by everything that decides its images."""
+    return f"synthetic-v{GENERATOR_VERSION}-n{images_per_class}-seed{seed}-{size}px"
 
-    Idempotent: returns at once if ``manifest.json`` (written last) matches the settings, else rewrites.
-    """
-    out = Path(root) / "synthetic"
+
+def write_domains(root: Path, images_per_class: int, seed: int, size: int = 32) -> Path:
+    """Write ``<root>/<folder_name>/<domain>/<class>/<domain>_<class>_<i:04d>.png`` and return that folder.
+
+    A folder that exists is complete: the set is drawn into a temporary folder beside it and renamed into
+    place, so concurrent runs never see half a set, and the loser of a race uses the winner's folder."""
+    root = Path(root)
+    out = root / folder_name(images_per_class, seed, size)
     manifest = {"generator_version": GENERATOR_VERSION, "seed": seed, "size": size,
                 "images_per_class": images_per_class, "classes": list(CLASSES), "domains": list(DOMAINS)}
-    mpath = out / "manifest.json"
-    old: dict = {}
-    if mpath.exists():
+    if _manifest(out) == manifest:
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        _draw_domains(tmp, images_per_class, seed, size)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out.exists() and _manifest(out) != manifest:  # not made by this function: edited or cut short by hand
+            shutil.rmtree(out)
         try:
-            old = json.loads(mpath.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old == manifest:
-            return out
-        mpath.unlink()
-    for d in set(DOMAINS) | set(old.get("domains", [])):
-        shutil.rmtree(out / d, ignore_errors=True)
+            os.rename(tmp, out)
+        except OSError:  # another process renamed its copy into place first
+            if _manifest(out) != manifest:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _draw_domains(out: Path, images_per_class: int, seed: int, size: int) -> None:
     for di, domain in enumerate(DOMAINS):
         for ci, cls in enumerate(CLASSES):
             rng = np.random.default_rng([seed, di, ci])
             folder = out / domain / cls
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True)
             for i in range(images_per_class):
                 render(cls, domain, rng, size).save(folder / f"{domain}_{cls}_{i:04d}.png")
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(mpath)
-    return out
 
 
 _TEMPLATES = {  # colour is named rarely: it is easy to learn and would crowd out the shapes

@@ -24,12 +24,12 @@ class Trip(Method):
         self.tokens = build_prompt_tokens(backbone.model, backbone.tokenizer, class_names, cfg.n_ctx)
         self.teacher = zeroshot_weights(backbone, class_names, cfg.teacher)  # [C, E]
         self.keys = routing.static_keys(cfg.num_experts, backbone.vision_width, cfg.key_seed).to(backbone.device)
-        self.route_train = self._spec(cfg.capacity_train)
-        self.route_infer = self._spec(cfg.capacity_infer)
+        self.route_train = self._spec(cfg.capacity_train, "train")
+        self.route_infer = self._spec(cfg.capacity_infer, "infer")
 
-    def _spec(self, capacity: float | None) -> RoutingSpec:
+    def _spec(self, capacity: float | None, run: str) -> RoutingSpec:
         c = self.cfg
-        return RoutingSpec(c.num_experts, capacity, c.kmeans_iters, c.key_seed, c.assignment)
+        return RoutingSpec(c.num_experts, capacity, c.kmeans_iters, c.key_seed, c.assignment, run)
 
     @staticmethod
     def count_params(cfg, text_width: int, vision_width: int) -> int:

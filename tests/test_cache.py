@@ -1,0 +1,181 @@
+"""Caches that cannot lie: frozen features keyed by the images on disk; every cache file checksummed, and a bad
+one rebuilt with a warning (never used, never fatal); concurrent writers never mix a shared entry."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trip import pretrain, safefile
+from trip.data.folder import scan_domain
+from trip.data.loading import cached_unreadable
+from trip.data.synthetic import CLASSES, DOMAINS, write_domains
+from trip.features import FrozenStore, RoutingSpec
+
+SPECS = [RoutingSpec(4, 1.0, iters=20, run="train"), RoutingSpec(4, 2.0, iters=20, run="infer")]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_domains(tmp_path_factory.mktemp("data"), images_per_class=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def clean(data, tiny_backbone, tmp_path_factory):
+    """The photo domain's features from an empty cache: what every rebuilt file must equal."""
+    store = FrozenStore(tiny_backbone, tmp_path_factory.mktemp("clean-cache"))
+    return store.load("synthetic", scan_domain(data, "photo", CLASSES), SPECS)
+
+
+def _store(tiny_backbone, tmp_path: Path, data: Path):
+    store = FrozenStore(tiny_backbone, tmp_path / "cache")
+    domain = scan_domain(data, "photo", CLASSES)
+    store.load("synthetic", domain, SPECS)
+    (path,) = (tmp_path / "cache").rglob("*.safetensors")
+    return store, domain, path
+
+
+def _equal(a, b) -> bool:
+    same_routing = all(torch.equal(a.routing[k], b.routing[k]) for k in a.routing)
+    return (torch.equal(a.features, b.features) and torch.equal(a.cls, b.cls)
+            and a.routing.keys() == b.routing.keys() and same_routing)
+
+
+def _tensor_offset(path: Path, name: str) -> int:
+    """Where a tensor's bytes start in a safetensors file."""
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + header_len])
+    return 8 + header_len + header[name]["data_offsets"][0]
+
+
+def _flip(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_overwritten_images_give_new_features_not_the_cached_ones(tiny_backbone, tmp_path, capsys):
+    data = write_domains(tmp_path / "data", images_per_class=2, seed=0)
+    store, domain, _ = _store(tiny_backbone, tmp_path, data)
+    before = store.load("synthetic", domain, SPECS)
+    for p in domain.paths:  # the sketch images under the photo names
+        shutil.copyfile(data / p.replace("photo", "sketch"), data / p)
+    capsys.readouterr()
+    after = store.load("synthetic", domain, SPECS)
+    assert "images of photo changed on disk" in capsys.readouterr().err
+    assert not torch.equal(after.features, before.features)
+    fresh = FrozenStore(tiny_backbone, tmp_path / "fresh").load("synthetic", domain, SPECS)
+    assert _equal(after, fresh)
+    capsys.readouterr()
+    store.load("synthetic", domain, SPECS)
+    assert capsys.readouterr().err == ""  # the rebuilt file is used as is: no note, no computation
+
+
+@pytest.mark.parametrize("damage", ["flip-features", "flip-routing", "truncate", "other-domain", "wrong-rows"])
+def test_a_bad_feature_file_is_rebuilt_with_a_warning(damage, data, clean, tiny_backbone, tmp_path, capsys):
+    store, domain, path = _store(tiny_backbone, tmp_path, data)
+    if damage == "flip-features":
+        _flip(path, _tensor_offset(path, "features") + 5)
+    elif damage == "flip-routing":
+        _flip(path, _tensor_offset(path, SPECS[1].key()) + 9)
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "other-domain":
+        FrozenStore(tiny_backbone, tmp_path / "other").load("synthetic", scan_domain(data, "sketch", CLASSES), SPECS)
+        shutil.copyfile(next((tmp_path / "other").rglob("*.safetensors")), path)
+    else:  # a whole, checksummed file for these images, but with a row missing
+        tensors, meta = safefile.read_tensors(path)
+        safefile.write_tensors(path, {k: v[:-1] for k, v in tensors.items()}, meta)
+    capsys.readouterr()
+    got = store.load("synthetic", domain, SPECS)
+    err = capsys.readouterr().err
+    assert f"warning: frozen-feature cache {path} is corrupt" in err and "rebuilding" in err
+    assert _equal(got, clean)
+    assert _equal(FrozenStore(tiny_backbone, tmp_path / "cache").load("synthetic", domain, SPECS), clean)
+    assert capsys.readouterr().err == ""
+
+
+TINY_PRETRAIN = {"version": 3, "images": 48, "steps": 2, "groups": 2, "lr": 4e-3, "seed": 0}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "wrong-keys"])
+def test_a_bad_tiny_clip_file_is_pretrained_again(damage, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRIP_CACHE", str(tmp_path))
+    monkeypatch.setattr(pretrain, "PRETRAIN", TINY_PRETRAIN)
+    model, identity = pretrain.pretrained_tiny_clip()
+    (path,) = tmp_path.glob("tiny-clip-synthetic-*.safetensors")
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "flip":
+        _flip(path, _tensor_offset(path, "visual.proj") + 3)
+    else:
+        safefile.write_tensors(path, {"visual.proj": torch.zeros(2, 2)})
+    capsys.readouterr()
+    again, identity_again = pretrain.pretrained_tiny_clip()
+    assert f"warning: pretrained tiny CLIP {path} is corrupt" in capsys.readouterr().err
+    assert identity_again == identity
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    pretrain.pretrained_tiny_clip()
+    assert capsys.readouterr().err == ""
+
+
+def test_a_bad_image_check_file_is_checked_again(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRIP_CACHE", str(tmp_path))
+    domain = scan_domain(data, "cartoon", CLASSES)
+    assert cached_unreadable("synthetic", data, domain) == {}
+    (path,) = (tmp_path / "imagecheck").rglob("*.json")
+    path.write_text(path.read_text().replace('"bad": {}', '"bad": {"x.png": "made up"}'))
+    capsys.readouterr()
+    assert cached_unreadable("synthetic", data, domain) == {}
+    assert f"warning: image-check cache {path} is corrupt (checksum mismatch)" in capsys.readouterr().err
+    assert cached_unreadable("synthetic", data, domain) == {}
+    assert capsys.readouterr().err == ""
+
+
+def test_concurrent_synthetic_sets_with_other_settings_are_both_right(tmp_path):
+    """Four processes at once into one root: two settings, each twice (so each setting also has a race)."""
+    script = ("import sys; from pathlib import Path; from trip.data.synthetic import write_domains; "
+              "print(write_domains(Path(sys.argv[1]), images_per_class=int(sys.argv[2]), seed=0))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "shared"), str(n)], env=env,
+                              stdout=subprocess.PIPE, text=True) for n in (2, 3, 2, 3)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0]
+    assert outs[0] == outs[2] and outs[1] == outs[3] and outs[0] != outs[1]
+    for out, n in zip(outs[:2], (2, 3), strict=True):
+        alone = write_domains(tmp_path / f"alone{n}", images_per_class=n, seed=0)
+        files = sorted(p.relative_to(out) for p in Path(out).rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(alone) for p in alone.rglob("*") if p.is_file())
+        assert len(files) == len(DOMAINS) * len(CLASSES) * n + 1  # + manifest.json
+        assert all((Path(out) / f).read_bytes() == (alone / f).read_bytes() for f in files)
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == sorted({Path(o).name for o in outs})
+
+
+def test_concurrent_writers_of_one_file_never_leave_a_mixed_one(tmp_path):
+    script = ("import sys, torch; from pathlib import Path; from trip import safefile\n"
+              "v = float(sys.argv[2])\n"
+              "for _ in range(30): safefile.write_tensors(Path(sys.argv[1]), {'x': torch.full((50_000,), v)})")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    path = tmp_path / "entry.safetensors"
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(path), str(v)], env=env) for v in (1, 2)]
+    seen = set()
+    while any(p.poll() is None for p in procs):
+        if path.exists():
+            tensors, _ = safefile.read_tensors(path)  # BadFile would fail the test
+            seen.add(tuple(tensors["x"].unique().tolist()))
+    assert [p.returncode for p in procs] == [0, 0]
+    assert seen <= {(1.0,), (2.0,)} and list(tmp_path.iterdir()) == [path]
+
+
+def test_train_and_infer_routing_are_separate_cache_entries_even_at_one_capacity():
+    assert RoutingSpec(4, 1.0, run="train").key() != RoutingSpec(4, 1.0, run="infer").key()

@@ -26,6 +26,7 @@ from trip.features import DomainFeatures, FrozenStore
 from trip.federation.inprocess import Client, FederationResult, RoundLogger, run_federation, select_round
 from trip.methods import build_method
 from trip.methods.base import Method, Split
+from trip.run_lock import LOCK_FILE, run_folder_lock
 
 
 @dataclass
@@ -92,15 +93,18 @@ Federate = Callable[[Method, str, int, RoundLogger], FederationResult]  # (metho
 def run_experiment(cfg: ExperimentCfg, out: Path, *, engine: str = "inprocess", resume: bool = False) -> list[dict]:
     """Runs every (seed, method, target) not already finished in `out`. A folder that holds a run of the
     same config is continued (finished entries are kept, an interrupted in-process run resumes from its
-    last checkpoint); one that holds another config is refused. `resume` insists that there is one."""
-    runs = _claim_run_folder(cfg, out, resume)
-    ws = prepare(cfg)
-    if engine == "flower":
-        from trip.federation.flower.engine import flower_federation
+    last checkpoint); one that holds another config is refused. `resume` insists that there is one. The
+    folder is locked for the whole run: a second writer is refused at once."""
+    with run_folder_lock(out):
+        runs = _claim_run_folder(cfg, out, resume)
+        ws = prepare(cfg)
+        (out / "config.yaml").write_text(dump_config(cfg))  # after `prepare`: a refused start leaves none
+        if engine == "flower":
+            from trip.federation.flower.engine import flower_federation
 
-        with flower_federation(ws, out) as federate:
-            return _run_all(ws, out, runs, federate)
-    return _run_all(ws, out, runs, _in_process(ws, out))
+            with flower_federation(ws, out) as federate:
+                return _run_all(ws, out, runs, federate)
+        return _run_all(ws, out, runs, _in_process(ws, out))
 
 
 def _in_process(ws: Workspace, out: Path) -> Federate:
@@ -138,17 +142,35 @@ def _claim_run_folder(cfg: ExperimentCfg, out: Path, resume: bool) -> list[dict]
     if not config_file.is_file():
         if resume:
             raise TripError(f"--resume: {out} holds no run to continue (no config.yaml)")
-        if out.is_dir() and any(out.iterdir()):
+        if any(p.name != LOCK_FILE for p in out.iterdir()):
             raise TripError(f"output folder {out} is not empty and holds no trip run: choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(dump_config(cfg))
         return []
-    if config_file.read_text() != dump_config(cfg):
+    if _read_text(config_file) != dump_config(cfg):
         raise TripError(f"output folder {out} holds a run of another config ({_config_diff(config_file, cfg)}): "
                         f"choose another --out, or delete the folder to start over")
-    results_file = out / "results.json"
-    runs = json.loads(results_file.read_text())["runs"] if results_file.is_file() else []
+    runs = _finished_runs(out / "results.json")
     _trim_rounds_log(out, runs)
+    return runs
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise TripError(f"{path} is not text (not UTF-8): the run folder is damaged; restore the file, or "
+                        f"choose another --out") from None
+
+
+def _finished_runs(results_file: Path) -> list[dict]:
+    if not results_file.is_file():
+        return []
+    try:
+        runs = json.loads(_read_text(results_file))["runs"]
+        if not all({"method", "target", "seed"} <= run.keys() for run in runs):
+            raise TypeError("a run without method, target and seed")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise TripError(f"{results_file} is not a trip results file ({type(err).__name__}: {err}): restore it, "
+                        f"or delete it to run its entries again (their checkpoints are kept)") from None
     return runs
 
 
@@ -160,7 +182,15 @@ def _config_diff(config_file: Path, cfg: ExperimentCfg) -> str:
             return {k2: v2 for k, v in d.items() for k2, v2 in flat(v, f"{prefix}{k}.").items()}
         return {prefix.rstrip("."): d}
 
-    old, new = flat(yaml.safe_load(config_file.read_text())), flat(cfg.model_dump(mode="json"))
+    try:
+        old = flat(yaml.safe_load(_read_text(config_file)))
+    except yaml.YAMLError as err:
+        raise TripError(f"{config_file} is not YAML ({str(err).splitlines()[0]}): the run folder is damaged; "
+                        f"restore the file, or choose another --out") from None
+    if not isinstance(old, dict) or "" in old:
+        raise TripError(f"{config_file} is not a trip config (not a mapping): the run folder is damaged; restore "
+                        f"the file, or choose another --out")
+    new = flat(cfg.model_dump(mode="json"))
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     return "differs in " + ", ".join(keys[:5]) + (" …" if len(keys) > 5 else "")
 
@@ -171,12 +201,12 @@ def _trim_rounds_log(out: Path, runs: list[dict]) -> None:
         return
     finished = {run_key(r["method"], r["target"], r["seed"]) for r in runs}
     kept = []
-    for line in log.read_text().splitlines():
+    for line in log.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+            key = run_key(rec["method"], rec["target"], rec["seed"])
+        except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by the crash
-        key = run_key(rec["method"], rec["target"], rec["seed"])
         state = None if key in finished else RunCheckpoints(out / "checkpoints" / key).latest()
         if key in finished or (state is not None and rec["round"] < state.next_round):
             kept.append(line)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -79,7 +76,7 @@ def _superlink(args: argparse.Namespace) -> int:
 
 
 def _supernode(args: argparse.Namespace) -> int:
-    from trip.federation.flower.local import FLOWER_ENV, supernode_command, terminate, trip_worker
+    from trip.federation.flower.local import FLOWER_ENV, spawn, supernode_command, terminate, trip_worker
 
     node_config = f'domain="{args.domain}" data-root="{args.data_root.resolve()}"'
     if args.dataset:
@@ -88,8 +85,7 @@ def _supernode(args: argparse.Namespace) -> int:
     worker = trip_worker(0, f"127.0.0.1:{args.runtime_port}")
     env = {**os.environ, **FLOWER_ENV}
     print(" ".join(supernode), flush=True)
-    procs = [subprocess.Popen(cmd, env=env, start_new_session=True) for cmd in (supernode, worker)]
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    procs = [spawn(cmd, env=env) for cmd in (supernode, worker)]
     try:
         while all(p.poll() is None for p in procs):
             time.sleep(1)

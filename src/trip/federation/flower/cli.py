@@ -18,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="a name or IP the SuperNodes use to reach the SuperLink (repeatable; "
                             "localhost and 127.0.0.1 are always included)")
     certs.add_argument("--nodes", type=int, default=4, help="SuperNode key pairs to make (default 4)")
+    certs.add_argument("--force", action="store_true", help="replace the CA and keys already in DIR")
     certs.set_defaults(func=_certs)
 
     link = cmds.add_parser("superlink", help="start a SuperLink with TLS and SuperNode authentication")
@@ -62,7 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _certs(args: argparse.Namespace) -> int:
     from trip.federation.flower.certs import make_certs
 
-    for path in make_certs(args.dir, args.host, args.nodes):
+    for path in make_certs(args.dir, args.host, args.nodes, force=args.force):
         print(path)
     return 0
 
@@ -78,6 +79,7 @@ def _superlink(args: argparse.Namespace) -> int:
 def _supernode(args: argparse.Namespace) -> int:
     from trip.federation.flower.local import FLOWER_ENV, spawn, supernode_command, terminate, trip_worker
 
+    _check_site(args.data_root, args.dataset, args.domain)
     node_config = f'domain="{args.domain}" data-root="{args.data_root.resolve()}"'
     if args.dataset:
         node_config += f' dataset="{args.dataset}"'
@@ -92,6 +94,22 @@ def _supernode(args: argparse.Namespace) -> int:
         return next(p.returncode for p in procs if p.returncode is not None)
     finally:
         terminate(procs)
+
+
+def _check_site(data_root: Path, dataset: str | None, domain: str) -> None:
+    """Refuse at start what every run would refuse: a missing data root, an unknown data set or domain."""
+    from trip.data.datasets import dataset_root, get_dataset
+    from trip.errors import TripError
+
+    if not data_root.is_dir():
+        raise TripError(f"--data-root {data_root} is not a folder: give the folder that holds the data set's folder")
+    if dataset is None:
+        return
+    spec = get_dataset(dataset)
+    if domain not in spec.domains:
+        raise TripError(f"--domain {domain!r} is not a domain of {dataset} ({', '.join(spec.domains)})")
+    if dataset != "synthetic":  # the synthetic set is generated under the data root on first use
+        dataset_root(spec, str(data_root), 0, seed=0)  # refuses a data root without the data set
 
 
 def _worker(args: argparse.Namespace) -> int:

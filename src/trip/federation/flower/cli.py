@@ -45,6 +45,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     worker.add_argument("--root-certificates", default=None, help="CA of a TLS Runtime API")
     worker.set_defaults(func=_worker)
 
+    wait = cmds.add_parser("wait", help="wait for a Flower run to finish; exit 0 only if it completed "
+                                        "(`flwr run` exits 0 even when the run fails)")
+    wait.add_argument("run_id", type=int, metavar="RUN_ID")
+    wait.add_argument("connection", metavar="CONNECTION", help="the SuperLink connection of `flwr run`, e.g. trip")
+    wait.add_argument("--poll", type=float, default=5.0, help="seconds between two status checks")
+    wait.set_defaults(func=_wait)
+
     rc = cmds.add_parser("run-config", help="write the run config (TOML) of one run for `flwr run --run-config`")
     rc.add_argument("config", type=Path)
     rc.add_argument("--target", required=True, help="the held-out domain")
@@ -120,6 +127,22 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wait(args: argparse.Namespace) -> int:
+    from trip.errors import TripError
+    from trip.federation.flower.local import FLOWER_ENV, run_status
+
+    env = {**os.environ, **FLOWER_ENV}
+    status, details = run_status(args.run_id, args.connection, env)
+    while not status.startswith("finished"):
+        time.sleep(args.poll)
+        status, details = run_status(args.run_id, args.connection, env)
+    if status != "finished:completed":
+        raise TripError(f"Flower run {args.run_id} ended {status}: {details}; its ServerApp log: "
+                        f"`flwr log {args.run_id} {args.connection} --show`")
+    print(f"Flower run {args.run_id}: {status}")
+    return 0
+
+
 def _run_config(args: argparse.Namespace) -> int:
     from trip.config import load_config, method_label
     from trip.federation.flower.protocol import APP_DIR, RunSpec, write_run_config
@@ -130,5 +153,6 @@ def _run_config(args: argparse.Namespace) -> int:
     spec = RunSpec(cfg, seed, method, args.target, args.out_dir, args.min_clients, args.round_timeout,
                    args.connect_timeout)
     path = write_run_config(spec, args.output)
-    print(f"wrote {path}; start the run with:\n  flwr run {APP_DIR} <connection> --run-config {path} --stream")
+    print(f"wrote {path}; start the run with:\n  flwr run {APP_DIR} <connection> --run-config {path} --stream\n"
+          f"then `trip flower wait <run-id> <connection>` exits non-zero unless it completed")
     return 0

@@ -140,19 +140,14 @@ class LocalFederation:
 
     def flwr(self, *args: str) -> str:
         """Run a `flwr` command against this federation; its stdout."""
-        res = subprocess.run([str(BIN / "flwr"), *args], env=self.env, capture_output=True, text=True, timeout=120)
-        if res.returncode != 0:
-            raise TripError(f"`flwr {' '.join(args[:2])}` failed ({res.returncode}): {res.stderr[-2000:]}"
-                            f"{res.stdout[-2000:]}")
-        return res.stdout
+        return flwr(*args, env=self.env)
 
     def submit(self, run_config: Path) -> int:
         out = self.flwr("run", str(APP_DIR), CONNECTION, "--run-config", str(run_config), "--format", "json")
         return int(_last_json(out)["run-id"])
 
     def status(self, run_id: int) -> tuple[str, str]:
-        run = _last_json(self.flwr("list", CONNECTION, "--run-id", str(run_id), "--format", "json"))["runs"][0]
-        return run["status"], run.get("status-details", "")
+        return run_status(run_id, CONNECTION, self.env)
 
     def wait(self, run_id: int, on_tick: Callable[[], bool] = lambda: False, poll: float = 0.5,
              status_every: float = 30.0) -> tuple[str, str]:
@@ -188,6 +183,21 @@ class LocalFederation:
         for procs in [*self.nodes, self.superlink]:
             terminate(procs)
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+def flwr(*args: str, env: dict[str, str]) -> str:
+    """Run a `flwr` command; its stdout."""
+    res = subprocess.run([str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        raise TripError(f"`flwr {' '.join(args[:2])}` failed ({res.returncode}): {res.stderr[-2000:]}"
+                        f"{res.stdout[-2000:]}")
+    return res.stdout
+
+
+def run_status(run_id: int, connection: str, env: dict[str, str]) -> tuple[str, str]:
+    """(status, details) of a run, e.g. ("finished:failed", "ServerApp failed with exception: ...")."""
+    run = _last_json(flwr("list", connection, "--run-id", str(run_id), "--format", "json", env=env))["runs"][0]
+    return run["status"], run.get("status-details", "")
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

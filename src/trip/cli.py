@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole protocol offline on synthetic data with a tiny CLIP")
     demo.add_argument("--out", type=Path, help="run folder (default runs/demo-<time>)")
     demo.add_argument("--quick", action="store_true", help="fewer rounds and images: a smoke test")
+    demo.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess",
+                      help="flower: the same protocol on a local Flower federation (docs/deploy.md)")
     demo.set_defaults(func=_demo)
 
     run = sub.add_parser("run", help="run the experiment a YAML config describes")
@@ -126,8 +128,9 @@ def _demo(args: argparse.Namespace) -> int:
     with resources.as_file(config) as path:
         cfg = load_config(path, QUICK if args.quick else [])
     out = args.out or _default_out("demo")
-    again = shlex.join(["trip", "demo", *(["--quick"] if args.quick else []), "--out", str(out)])
-    return _execute(cfg, out, again, note=TINY_NOTE)
+    flags = (["--quick"] if args.quick else []) + (["--engine", args.engine] if args.engine != "inprocess" else [])
+    again = shlex.join(["trip", "demo", *flags, "--out", str(out)])
+    return _execute(cfg, out, again, note=TINY_NOTE, engine=args.engine)
 
 
 def _run(args: argparse.Namespace) -> int:

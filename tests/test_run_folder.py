@@ -79,7 +79,7 @@ def test_sigterm_to_a_process_group_stops_an_in_process_run_cleanly_and_a_killed
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     err = proc.stderr.read()
     assert "Traceback" not in err
-    assert f"interrupted (SIGTERM): finished runs are in {out / 'results.json'}" in err
+    assert f"interrupted (SIGTERM): no run in {out} had finished yet; " in err
     assert f"--out {out} --resume` continues the run" in err
 
     proc = start("run", str(config), "--out", str(out), "--resume")
@@ -90,6 +90,23 @@ def test_sigterm_to_a_process_group_stops_an_in_process_run_cleanly_and_a_killed
 
     assert main(["run", str(config), "--out", str(out), "--resume"]) == 0
     assert rounds_of(out) == list(range(ROUNDS))
+
+
+def test_sigterm_during_start_up_says_there_is_nothing_to_resume(tmp_path):
+    slow = {**CONFIG, "data": {**CONFIG["data"], "images_per_class": 50}}  # seconds of synthetic images to draw
+    (tmp_path / "slow.yaml").write_text(yaml.safe_dump(slow))
+    out = tmp_path / "run"
+    proc = start("run", str(tmp_path / "slow.yaml"), "--out", str(out))
+    deadline = time.monotonic() + 120
+    while not (out / LOCK_FILE).is_file() and time.monotonic() < deadline:  # trip has reached run_experiment
+        time.sleep(0.01)
+    assert not (out / "config.yaml").exists()
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    err = proc.stderr.read()
+    assert err.strip().splitlines()[-1] == ("interrupted (SIGTERM): stopped during start-up, before the run began; "
+                                            "nothing to resume")
+    assert "results.json" not in err and not (out / "config.yaml").exists()
 
 
 def test_a_refused_start_leaves_no_config_behind(config, tmp_path, capsys):

@@ -201,10 +201,11 @@ def _execute(cfg, out: Path, again: str, note: str, engine: str = "inprocess", r
         runs = run_experiment(cfg, out, engine=engine, resume=resume)
     except KeyboardInterrupt as err:
         signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
-        if (out / "config.yaml").is_file():
-            raise Interrupted(signum, f": finished runs are in {out / 'results.json'}; `{again}` continues the "
-                                      "run") from None
-        raise Interrupted(signum, ": stopped during start-up, before the run began; nothing to resume") from None
+        if not (out / "config.yaml").is_file():
+            raise Interrupted(signum, ": stopped during start-up, before the run began; nothing to resume") from None
+        results = out / "results.json"
+        kept = f"finished runs are in {results}" if results.is_file() else f"no run in {out} had finished yet"
+        raise Interrupted(signum, f": {kept}; `{again}` continues the run") from None
     from trip.results import table_rows, text_table
 
     print(f"\n{cfg.name}: target accuracy (%) per held-out domain, selected by source validation\n")

@@ -87,6 +87,8 @@ def prepare(cfg: ExperimentCfg, only: list[str] | None = None) -> Workspace:
     return Workspace(cfg, backbone, spec, domains, frozen, methods, data.skipped_counts())
 
 
+CONFIG_TMP = "config.yaml.tmp"  # a start killed while writing config.yaml may leave it; it is no content
+
 Federate = Callable[[Method, str, int, RoundLogger], FederationResult]  # (method, target, seed, log)
 
 
@@ -98,7 +100,7 @@ def run_experiment(cfg: ExperimentCfg, out: Path, *, engine: str = "inprocess", 
     with run_folder_lock(out):
         runs = _claim_run_folder(cfg, out, resume)
         ws = prepare(cfg)
-        (out / "config.yaml").write_text(dump_config(cfg))  # after `prepare`: a refused start leaves none
+        _write_config(out, cfg)  # after `prepare`: a refused start leaves none behind
         if engine == "flower":
             from trip.federation.flower.engine import flower_federation
 
@@ -142,7 +144,7 @@ def _claim_run_folder(cfg: ExperimentCfg, out: Path, resume: bool) -> list[dict]
     if not config_file.is_file():
         if resume:
             raise TripError(f"--resume: {out} holds no run to continue (no config.yaml)")
-        if any(p.name != LOCK_FILE for p in out.iterdir()):
+        if any(p.name not in (LOCK_FILE, CONFIG_TMP) for p in out.iterdir()):
             raise TripError(f"output folder {out} is not empty and holds no trip run: choose another --out")
         return []
     if _read_text(config_file) != dump_config(cfg):
@@ -151,6 +153,12 @@ def _claim_run_folder(cfg: ExperimentCfg, out: Path, resume: bool) -> list[dict]
     runs = _finished_runs(out / "results.json")
     _trim_rounds_log(out, runs)
     return runs
+
+
+def _write_config(out: Path, cfg: ExperimentCfg) -> None:
+    tmp = out / CONFIG_TMP
+    tmp.write_text(dump_config(cfg))
+    os.replace(tmp, out / "config.yaml")  # never half a config: that would block the rerun
 
 
 def _read_text(path: Path) -> str:
@@ -187,7 +195,7 @@ def _config_diff(config_file: Path, cfg: ExperimentCfg) -> str:
     except yaml.YAMLError as err:
         raise TripError(f"{config_file} is not YAML ({str(err).splitlines()[0]}): the run folder is damaged; "
                         f"restore the file, or choose another --out") from None
-    if not isinstance(old, dict) or "" in old:
+    if "" in old:  # a scalar or an empty file
         raise TripError(f"{config_file} is not a trip config (not a mapping): the run folder is damaged; restore "
                         f"the file, or choose another --out")
     new = flat(cfg.model_dump(mode="json"))
@@ -204,11 +212,11 @@ def _trim_rounds_log(out: Path, runs: list[dict]) -> None:
     for line in log.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
-            key = run_key(rec["method"], rec["target"], rec["seed"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+            key, round_idx = run_key(rec["method"], rec["target"], rec["seed"]), int(rec["round"])
+        except (ValueError, KeyError, TypeError):
             continue  # a line cut short by the crash
         state = None if key in finished else RunCheckpoints(out / "checkpoints" / key).latest()
-        if key in finished or (state is not None and rec["round"] < state.next_round):
+        if key in finished or (state is not None and round_idx < state.next_round):
             kept.append(line)
     tmp = log.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))

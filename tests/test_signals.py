@@ -134,3 +134,29 @@ def test_a_spawned_process_dies_with_the_process_that_spawned_it(tmp_path):
         for pid in marked(marker):
             os.kill(pid, signal.SIGKILL)
     assert sleeper not in marked(marker)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_trip_flower_supernode_takes_its_supernode_and_worker_along(tmp_path, sig):
+    """A site's SuperNode (retrying a SuperLink that is not there) and its worker end with `trip flower supernode`,
+    stopped in order on SIGTERM, killed by the kernel on SIGKILL."""
+    from trip.federation.flower.certs import make_certs
+    from trip.federation.flower.local import free_port
+
+    make_certs(tmp_path / "certs", [], nodes=1)
+    marker = uuid.uuid4().hex
+    proc = start_trip(["flower", "supernode", "--superlink", f"127.0.0.1:{free_port()}",
+                       "--ca", str(tmp_path / "certs" / "ca.crt"), "--key", str(tmp_path / "certs" / "node0.key"),
+                       "--domain", "sketch", "--data-root", str(tmp_path), "--runtime-port", str(free_port())],
+                      marker)
+    wait_until(lambda: len(marked(marker)) == 3 or proc.poll() is not None, 60, "the SuperNode and its worker")
+    assert proc.poll() is None, proc.stderr.read()
+    os.killpg(proc.pid, sig)
+    assert proc.wait(timeout=60) == (128 + sig if sig == signal.SIGTERM else -sig)
+    try:
+        wait_until(lambda: not marked(marker), 10, "the SuperNode and its worker gone")
+    finally:
+        for pid in marked(marker):
+            os.kill(pid, signal.SIGKILL)
+    if sig == signal.SIGTERM:
+        assert proc.stderr.read().strip().splitlines()[-1] == "interrupted (SIGTERM)"

@@ -109,13 +109,16 @@ def test_sigterm_during_start_up_says_there_is_nothing_to_resume(tmp_path):
     assert "results.json" not in err and not (out / "config.yaml").exists()
 
 
-def test_a_refused_start_leaves_no_config_behind(config, tmp_path, capsys):
+def test_a_refused_start_leaves_no_config_behind(config, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     bad = {**CONFIG, "data": {**CONFIG["data"], "targets": ["sketch"], "name": "pacs", "root": str(tmp_path)}}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     assert main(["run", str(tmp_path / "bad.yaml"), "--out", str(out)]) == 2
     assert "holds no pacs folder" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == [LOCK_FILE]
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(tmp_path / "bad.yaml")]) == 2
+    assert list((tmp_path / "runs").iterdir()) == []  # the default run folder made for it is gone again
     assert main(["run", str(config), "--out", str(out), "--set", "train.rounds=1"]) == 0
     assert rounds_of(out) == [0]
 

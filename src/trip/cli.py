@@ -130,7 +130,7 @@ def _demo(args: argparse.Namespace) -> int:
     out = args.out or _default_out("demo")
     flags = (["--quick"] if args.quick else []) + (["--engine", args.engine] if args.engine != "inprocess" else [])
     again = shlex.join(["trip", "demo", *flags, "--out", str(out)])
-    return _execute(cfg, out, again, note=TINY_NOTE, engine=args.engine)
+    return _execute(cfg, out, again, note=TINY_NOTE, engine=args.engine, fresh=args.out is None)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
         raise TripError("--resume needs --out RUN_FOLDER: the folder of the run to continue")
     out = args.out or _default_out(args.config.stem)
     again = shlex.join(["trip", "run", str(args.config), *_flags(args), "--out", str(out), "--resume"])
-    return _execute(cfg, out, again, note=note, engine=args.engine, resume=args.resume)
+    return _execute(cfg, out, again, note=note, engine=args.engine, resume=args.resume, fresh=args.out is None)
 
 
 def _flags(args: argparse.Namespace) -> list[str]:
@@ -192,20 +192,22 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.device, args.out, tiny=args.tiny)
 
 
-def _execute(cfg, out: Path, again: str, note: str, engine: str = "inprocess", resume: bool = False) -> int:
-    """`again`: the command that continues this run after an interruption."""
+def _execute(cfg, out: Path, again: str, note: str, engine: str = "inprocess", resume: bool = False,
+             fresh: bool = False) -> int:
+    """`again`: the command that continues this run after an interruption; `fresh`: `out` is a default run
+    folder made for this run (removed again if the run never began)."""
     from trip.experiment import run_experiment
+    from trip.run_lock import remove_unused
 
     start = time.perf_counter()
     try:
         runs = run_experiment(cfg, out, engine=engine, resume=resume)
-    except KeyboardInterrupt as err:
-        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
-        if not (out / "config.yaml").is_file():
-            raise Interrupted(signum, ": stopped during start-up, before the run began; nothing to resume") from None
-        results = out / "results.json"
-        kept = f"finished runs are in {results}" if results.is_file() else f"no run in {out} had finished yet"
-        raise Interrupted(signum, f": {kept}; `{again}` continues the run") from None
+    except BaseException as err:
+        if fresh:
+            remove_unused(out)
+        if isinstance(err, KeyboardInterrupt):
+            raise _interrupted(err, out, again) from None
+        raise
     from trip.results import table_rows, text_table
 
     print(f"\n{cfg.name}: target accuracy (%) per held-out domain, selected by source validation\n")
@@ -214,6 +216,16 @@ def _execute(cfg, out: Path, again: str, note: str, engine: str = "inprocess", r
     if note:
         print(note)
     return 0
+
+
+def _interrupted(err: KeyboardInterrupt, out: Path, again: str) -> Interrupted:
+    """What an interruption kept: nothing during start-up, else the run folder that `again` continues."""
+    signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+    if not (out / "config.yaml").is_file():
+        return Interrupted(signum, ": stopped during start-up, before the run began; nothing to resume")
+    results = out / "results.json"
+    kept = f"finished runs are in {results}" if results.is_file() else f"no run in {out} had finished yet"
+    return Interrupted(signum, f": {kept}; `{again}` continues the run")
 
 
 def _default_out(stem: str) -> Path:

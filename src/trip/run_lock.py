@@ -51,3 +51,13 @@ def _holder(fd: int) -> str:
         return f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
     except (ValueError, KeyError, TypeError):
         return "another process (it has not written its name yet)"
+
+
+def remove_unused(out: Path) -> None:
+    """Remove a run folder that a failed start left holding nothing but its lock file."""
+    try:
+        if [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            (out / LOCK_FILE).unlink()
+            out.rmdir()
+    except OSError:
+        pass  # the folder stays: harmless, and never worth hiding the error that ended the run

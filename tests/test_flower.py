@@ -25,7 +25,7 @@ from trip.federation.flower import client_app
 from trip.federation.flower.certs import node_keys
 from trip.federation.flower.engine import FlowerRuns
 from trip.federation.flower.local import LocalFederation, Tls, descendants, free_port, supernode_command, trip_worker
-from trip.federation.flower.protocol import RunSpec, from_record, to_record
+from trip.federation.flower.protocol import RunSpec, from_record, to_record, write_run_config
 from trip.federation.flower.strategy import Peer, TripStrategy, UpdateRefused, check_update
 from trip.federation.inprocess import run_federation, select_round
 from trip.federation.server import fedavg
@@ -223,6 +223,19 @@ def test_node_dying_in_round_two_leaves_a_completed_run_with_fewer_participants(
     assert got.history[1]["participants"] == reference.history[1]["participants"][:2]
     assert "Node Unavailable" in got.history[1]["failed"][dead]
     assert dead not in got.history[1]["eval"]["bma"]["val"]
+
+
+def test_trip_flower_wait_exits_non_zero_for_a_failed_run(cfg, tls_federation, tmp_path, monkeypatch, capsys):
+    """`flwr run` exits 0 whatever becomes of the run; `trip flower wait` does not. Here no SuperNode holds PACS
+    data: they refuse the run, and the ServerApp ends it after its connect timeout."""
+    pacs = cfg.model_copy(update={"data": cfg.data.model_copy(update={"name": "pacs", "targets": ["sketch"]})})
+    spec = RunSpec(pacs, SEED, "trip", "sketch", out_dir=str(tmp_path), connect_timeout=1.0, round_timeout=30.0)
+    run_id = tls_federation.submit(write_run_config(spec, tmp_path / "run.toml"))
+    monkeypatch.setenv("FLWR_HOME", str(tls_federation.home))
+    assert main(["flower", "wait", str(run_id), "trip-local", "--poll", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert f"Flower run {run_id} ended finished:failed" in err and "SuperNodes hold 0 of the source domains" in err
+    assert f"flwr log {run_id} trip-local --show" in err
 
 
 def test_stopping_the_federation_stops_every_process(tls_federation):

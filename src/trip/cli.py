@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -20,16 +23,44 @@ RANDOM_TINY_NOTE = ("Note: a tiny CLIP with random weights: a smoke test of the 
                     "nothing (see docs/reproduce.md).")
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM or SIGHUP (as a KeyboardInterrupt: every `finally` and context manager runs, and the
+    Flower engine stops its processes); `detail` says what was kept."""
+
+    def __init__(self, signum: int = signal.SIGINT, detail: str = ""):
+        super().__init__(signum, detail)
+        self.signum, self.detail = signum, detail
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    previous = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS} if _main_thread() else {}
     try:
         return args.func(args)
     except TripError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are in results.json of the run folder", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        stop = err if isinstance(err, Interrupted) else Interrupted()
+        print(f"interrupted ({signal.Signals(stop.signum).name}){stop.detail}", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # signal handlers can be set there only
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    # The first signal stops the command; more of them must not cut short the clean-up it started.
+    for other in STOP_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
+    raise Interrupted(signum)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole protocol offline on synthetic data with a tiny CLIP")
     demo.add_argument("--out", type=Path, help="run folder (default runs/demo-<time>)")
     demo.add_argument("--quick", action="store_true", help="fewer rounds and images: a smoke test")
+    demo.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess",
+                      help="flower: the same protocol on a local Flower federation (docs/deploy.md)")
     demo.set_defaults(func=_demo)
 
     run = sub.add_parser("run", help="run the experiment a YAML config describes")
@@ -108,7 +141,10 @@ def _demo(args: argparse.Namespace) -> int:
     config = resources.files("trip") / "configs" / "demo.yaml"
     with resources.as_file(config) as path:
         cfg = load_config(path, QUICK if args.quick else [])
-    return _execute(cfg, args.out or _default_out("demo"), note=TINY_NOTE)
+    out = args.out or _default_out("demo")
+    flags = (["--quick"] if args.quick else []) + (["--engine", args.engine] if args.engine != "inprocess" else [])
+    again = shlex.join(["trip", "demo", *flags, "--out", str(out)])
+    return _execute(cfg, out, again, note=TINY_NOTE, engine=args.engine, fresh=args.out is None)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -125,8 +161,17 @@ def _run(args: argparse.Namespace) -> int:
         note = TINY_NOTE if cfg.backbone.pretrained == "synthetic" else RANDOM_TINY_NOTE
     if args.resume and args.out is None:
         raise TripError("--resume needs --out RUN_FOLDER: the folder of the run to continue")
-    return _execute(cfg, args.out or _default_out(args.config.stem), note=note, engine=args.engine,
-                    resume=args.resume)
+    out = args.out or _default_out(args.config.stem)
+    again = shlex.join(["trip", "run", str(args.config), *_flags(args), "--out", str(out), "--resume"])
+    return _execute(cfg, out, again, note=note, engine=args.engine, resume=args.resume, fresh=args.out is None)
+
+
+def _flags(args: argparse.Namespace) -> list[str]:
+    """The options of `trip run` that shape the config or the engine, as given."""
+    flags = [flag for o in args.overrides for flag in ("--set", o)]
+    for name, value in (("--backbone", args.backbone), ("--data-root", args.data_root)):
+        flags += [name, str(value)] if value is not None else []
+    return flags + (["--engine", args.engine] if args.engine != "inprocess" else [])
 
 
 def _backbone_overrides(name: str | None) -> list[str]:
@@ -161,12 +206,24 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.device, args.out, tiny=args.tiny)
 
 
-def _execute(cfg, out: Path, note: str, engine: str = "inprocess", resume: bool = False) -> int:
+def _execute(cfg, out: Path, again: str, note: str, engine: str = "inprocess", resume: bool = False,
+             fresh: bool = False) -> int:
+    """`again`: the command that continues this run after an interruption; `fresh`: `out` is a default run
+    folder made for this run (removed again if the run never began)."""
     from trip.experiment import run_experiment
-    from trip.results import table_rows, text_table
+    from trip.run_lock import remove_unused
 
     start = time.perf_counter()
-    runs = run_experiment(cfg, out, engine=engine, resume=resume)
+    try:
+        runs = run_experiment(cfg, out, engine=engine, resume=resume)
+    except BaseException as err:
+        if fresh:
+            remove_unused(out)
+        if isinstance(err, KeyboardInterrupt):
+            raise _interrupted(err, out, again) from None
+        raise
+    from trip.results import table_rows, text_table
+
     print(f"\n{cfg.name}: target accuracy (%) per held-out domain, selected by source validation\n")
     print(text_table(*table_rows(runs, cfg.data.name)))
     print(f"\n{len(runs)} runs in {time.perf_counter() - start:.0f} s; run folder: {out}")
@@ -175,8 +232,29 @@ def _execute(cfg, out: Path, note: str, engine: str = "inprocess", resume: bool 
     return 0
 
 
+def _interrupted(err: KeyboardInterrupt, out: Path, again: str) -> Interrupted:
+    """What an interruption kept: nothing during start-up, else the run folder that `again` continues."""
+    signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+    if not (out / "config.yaml").is_file():
+        return Interrupted(signum, ": stopped during start-up, before the run began; nothing to resume")
+    results = out / "results.json"
+    kept = f"finished runs are in {results}" if results.is_file() else f"no run in {out} had finished yet"
+    return Interrupted(signum, f": {kept}; `{again}` continues the run")
+
+
 def _default_out(stem: str) -> Path:
-    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """A new folder runs/<stem>-<time>, made here so that two runs started in the same second get two."""
+    base = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise TripError(f"cannot make the run folder {path} ({err.strerror}): pass --out DIR") from None
+    raise TripError(f"{base}-2 … -999 all exist: pass --out DIR")
 
 
 if __name__ == "__main__":

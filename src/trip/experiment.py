@@ -27,6 +27,7 @@ from trip.features import DomainFeatures, FrozenStore
 from trip.federation.inprocess import Client, FederationResult, RoundLogger, run_federation, select_round
 from trip.methods import build_method
 from trip.methods.base import Method, Split
+from trip.run_lock import LOCK_FILE, run_folder_lock
 
 
 @dataclass
@@ -127,21 +128,26 @@ def _more_images(cfg: ExperimentCfg, spec: DatasetSpec, n: int) -> str:
     return f"{fix}, or change data.val_fraction."
 
 
+CONFIG_TMP = "config.yaml.tmp"  # a start killed while writing config.yaml may leave it; it is no content
+
 Federate = Callable[[Method, str, int, RoundLogger], FederationResult]  # (method, target, seed, log)
 
 
 def run_experiment(cfg: ExperimentCfg, out: Path, *, engine: str = "inprocess", resume: bool = False) -> list[dict]:
     """Runs every (seed, method, target) not already finished in `out`. A folder that holds a run of the
     same config is continued (finished entries are kept, an interrupted in-process run resumes from its
-    last checkpoint); one that holds another config is refused. `resume` insists that there is one."""
-    runs = _claim_run_folder(cfg, out, resume)
-    ws = prepare(cfg)
-    if engine == "flower":
-        from trip.federation.flower.engine import flower_federation
+    last checkpoint); one that holds another config is refused. `resume` insists that there is one. The
+    folder is locked for the whole run: a second writer is refused at once."""
+    with run_folder_lock(out):
+        runs = _claim_run_folder(cfg, out, resume)
+        ws = prepare(cfg)
+        _write_config(out, cfg)  # after `prepare`: a refused start leaves none behind
+        if engine == "flower":
+            from trip.federation.flower.engine import flower_federation
 
-        with flower_federation(ws, out) as federate:
-            return _run_all(ws, out, runs, federate)
-    return _run_all(ws, out, runs, _in_process(ws, out))
+            with flower_federation(ws, out) as federate:
+                return _run_all(ws, out, runs, federate)
+        return _run_all(ws, out, runs, _in_process(ws, out))
 
 
 def _in_process(ws: Workspace, out: Path) -> Federate:
@@ -179,17 +185,41 @@ def _claim_run_folder(cfg: ExperimentCfg, out: Path, resume: bool) -> list[dict]
     if not config_file.is_file():
         if resume:
             raise TripError(f"--resume: {out} holds no run to continue (no config.yaml)")
-        if out.is_dir() and any(out.iterdir()):
+        if any(p.name not in (LOCK_FILE, CONFIG_TMP) for p in out.iterdir()):
             raise TripError(f"output folder {out} is not empty and holds no trip run: choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(dump_config(cfg))
         return []
-    if config_file.read_text() != dump_config(cfg):
+    if _read_text(config_file) != dump_config(cfg):
         raise TripError(f"output folder {out} holds a run of another config ({_config_diff(config_file, cfg)}): "
                         f"choose another --out, or delete the folder to start over")
-    results_file = out / "results.json"
-    runs = json.loads(results_file.read_text())["runs"] if results_file.is_file() else []
+    runs = _finished_runs(out / "results.json")
     _trim_rounds_log(out, runs)
+    return runs
+
+
+def _write_config(out: Path, cfg: ExperimentCfg) -> None:
+    tmp = out / CONFIG_TMP
+    tmp.write_text(dump_config(cfg))
+    os.replace(tmp, out / "config.yaml")  # never half a config: that would block the rerun
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise TripError(f"{path} is not text (not UTF-8): the run folder is damaged; restore the file, or "
+                        f"choose another --out") from None
+
+
+def _finished_runs(results_file: Path) -> list[dict]:
+    if not results_file.is_file():
+        return []
+    try:
+        runs = json.loads(_read_text(results_file))["runs"]
+        if not all({"method", "target", "seed"} <= run.keys() for run in runs):
+            raise TypeError("a run without method, target and seed")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise TripError(f"{results_file} is not a trip results file ({type(err).__name__}: {err}): restore it, "
+                        f"or delete it to run its entries again (their checkpoints are kept)") from None
     return runs
 
 
@@ -201,7 +231,15 @@ def _config_diff(config_file: Path, cfg: ExperimentCfg) -> str:
             return {k2: v2 for k, v in d.items() for k2, v2 in flat(v, f"{prefix}{k}.").items()}
         return {prefix.rstrip("."): d}
 
-    old, new = flat(yaml.safe_load(config_file.read_text())), flat(cfg.model_dump(mode="json"))
+    try:
+        old = flat(yaml.safe_load(_read_text(config_file)))
+    except yaml.YAMLError as err:
+        raise TripError(f"{config_file} is not YAML ({str(err).splitlines()[0]}): the run folder is damaged; "
+                        f"restore the file, or choose another --out") from None
+    if "" in old:  # a scalar or an empty file
+        raise TripError(f"{config_file} is not a trip config (not a mapping): the run folder is damaged; restore "
+                        f"the file, or choose another --out")
+    new = flat(cfg.model_dump(mode="json"))
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     return "differs in " + ", ".join(keys[:5]) + (" …" if len(keys) > 5 else "")
 
@@ -212,14 +250,14 @@ def _trim_rounds_log(out: Path, runs: list[dict]) -> None:
         return
     finished = {run_key(r["method"], r["target"], r["seed"]) for r in runs}
     kept = []
-    for line in log.read_text().splitlines():
+    for line in log.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+            key, round_idx = run_key(rec["method"], rec["target"], rec["seed"]), int(rec["round"])
+        except (ValueError, KeyError, TypeError):
             continue  # a line cut short by the crash
-        key = run_key(rec["method"], rec["target"], rec["seed"])
         state = None if key in finished else RunCheckpoints(out / "checkpoints" / key).latest()
-        if key in finished or (state is not None and rec["round"] < state.next_round):
+        if key in finished or (state is not None and round_idx < state.next_round):
             kept.append(line)
     tmp = log.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))

@@ -4,12 +4,15 @@
 - server.pem, server.key: the SuperLink's certificate, signed by the CA, valid for localhost, 127.0.0.1 and
   the given hosts (the names the SuperNodes use to reach the SuperLink);
 - node<i>.key, node<i>.pub: one EC P-384 key pair per SuperNode in OpenSSH format (Flower's format); the
-  public key is registered with `flwr supernode register node<i>.pub`, the private key stays at the site."""
+  public key is registered with `flwr supernode register node<i>.pub`, the private key stays at the site.
+
+Existing files are never overwritten unless asked (`force`): a new CA or new node keys lock every SuperNode out."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -17,12 +20,30 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from trip.errors import TripError
+
 DAYS = 365
 
 
-def make_certs(folder: Path, hosts: list[str], nodes: int) -> list[Path]:
+def make_certs(folder: Path, hosts: list[str], nodes: int, force: bool = False) -> list[Path]:
     """Write the CA, the SuperLink certificate and `nodes` SuperNode key pairs; the files written."""
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.is_file():
+        raise TripError(f"{folder} is a file: give `trip flower certs` a folder (it makes it if needed)")
+    names = ["ca.crt", "ca.key", "server.pem", "server.key",
+             *(f"node{i}.{ext}" for i in range(nodes) for ext in ("key", "pub"))]
+    existing = [name for name in names if (folder / name).exists()]
+    if existing and not force:
+        raise TripError(f"{folder} already holds {', '.join(existing)}: new ones would lock out the SuperNodes "
+                        f"that use them; choose another folder, or pass --force to replace them")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return _make(folder, hosts, nodes)
+    except OSError as err:
+        raise TripError(f"cannot write the certificates into {folder} ({err.strerror}: {err.filename}): choose "
+                        f"a writable folder") from None
+
+
+def _make(folder: Path, hosts: list[str], nodes: int) -> list[Path]:
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = _certificate("trip federation CA", ca_key.public_key(), ca_key, None, ca=True)
     server_key = ec.generate_private_key(ec.SECP384R1())
@@ -85,7 +106,9 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    path.write_bytes(data)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)  # never readable
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     if private:
-        path.chmod(0o600)
+        path.chmod(0o600)  # a file --force replaces keeps its old mode otherwise
     return path

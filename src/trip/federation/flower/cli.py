@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="a name or IP the SuperNodes use to reach the SuperLink (repeatable; "
                             "localhost and 127.0.0.1 are always included)")
     certs.add_argument("--nodes", type=int, default=4, help="SuperNode key pairs to make (default 4)")
+    certs.add_argument("--force", action="store_true", help="replace the CA and keys already in DIR")
     certs.set_defaults(func=_certs)
 
     link = cmds.add_parser("superlink", help="start a SuperLink with TLS and SuperNode authentication")
@@ -47,6 +45,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     worker.add_argument("--root-certificates", default=None, help="CA of a TLS Runtime API")
     worker.set_defaults(func=_worker)
 
+    wait = cmds.add_parser("wait", help="wait for a Flower run to finish; exit 0 only if it completed "
+                                        "(`flwr run` exits 0 even when the run fails)")
+    wait.add_argument("run_id", type=int, metavar="RUN_ID")
+    wait.add_argument("connection", metavar="CONNECTION", help="the SuperLink connection of `flwr run`, e.g. trip")
+    wait.add_argument("--poll", type=float, default=5.0, help="seconds between two status checks")
+    wait.set_defaults(func=_wait)
+
     rc = cmds.add_parser("run-config", help="write the run config (TOML) of one run for `flwr run --run-config`")
     rc.add_argument("config", type=Path)
     rc.add_argument("--target", required=True, help="the held-out domain")
@@ -65,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _certs(args: argparse.Namespace) -> int:
     from trip.federation.flower.certs import make_certs
 
-    for path in make_certs(args.dir, args.host, args.nodes):
+    for path in make_certs(args.dir, args.host, args.nodes, force=args.force):
         print(path)
     return 0
 
@@ -79,8 +84,9 @@ def _superlink(args: argparse.Namespace) -> int:
 
 
 def _supernode(args: argparse.Namespace) -> int:
-    from trip.federation.flower.local import FLOWER_ENV, supernode_command, terminate, trip_worker
+    from trip.federation.flower.local import FLOWER_ENV, spawn, supernode_command, terminate, trip_worker
 
+    _check_site(args.data_root, args.dataset, args.domain)
     node_config = f'domain="{args.domain}" data-root="{args.data_root.resolve()}"'
     if args.dataset:
         node_config += f' dataset="{args.dataset}"'
@@ -88,14 +94,29 @@ def _supernode(args: argparse.Namespace) -> int:
     worker = trip_worker(0, f"127.0.0.1:{args.runtime_port}")
     env = {**os.environ, **FLOWER_ENV}
     print(" ".join(supernode), flush=True)
-    procs = [subprocess.Popen(cmd, env=env, start_new_session=True) for cmd in (supernode, worker)]
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    procs = [spawn(cmd, env=env) for cmd in (supernode, worker)]
     try:
         while all(p.poll() is None for p in procs):
             time.sleep(1)
         return next(p.returncode for p in procs if p.returncode is not None)
     finally:
         terminate(procs)
+
+
+def _check_site(data_root: Path, dataset: str | None, domain: str) -> None:
+    """Refuse at start what every run would refuse: a missing data root, an unknown data set or domain."""
+    from trip.data.datasets import dataset_root, get_dataset
+    from trip.errors import TripError
+
+    if not data_root.is_dir():
+        raise TripError(f"--data-root {data_root} is not a folder: give the folder that holds the data set's folder")
+    if dataset is None:
+        return
+    spec = get_dataset(dataset)
+    if domain not in spec.domains:
+        raise TripError(f"--domain {domain!r} is not a domain of {dataset} ({', '.join(spec.domains)})")
+    if dataset != "synthetic":  # the synthetic set is generated under the data root on first use
+        dataset_root(spec, str(data_root), 0, seed=0)  # refuses a data root without the data set
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -106,8 +127,25 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wait(args: argparse.Namespace) -> int:
+    from trip.errors import TripError
+    from trip.federation.flower.local import FLOWER_ENV, run_status
+
+    env = {**os.environ, **FLOWER_ENV}
+    status, details = run_status(args.run_id, args.connection, env)
+    while not status.startswith("finished"):
+        time.sleep(args.poll)
+        status, details = run_status(args.run_id, args.connection, env)
+    if status != "finished:completed":
+        raise TripError(f"Flower run {args.run_id} ended {status}: {details}; its ServerApp log: "
+                        f"`flwr log {args.run_id} {args.connection} --show`")
+    print(f"Flower run {args.run_id}: {status}")
+    return 0
+
+
 def _run_config(args: argparse.Namespace) -> int:
     from trip.config import load_config, method_label
+    from trip.errors import TripError
     from trip.federation.flower.protocol import APP_DIR, RunSpec, write_run_config
 
     cfg = load_config(args.config, args.overrides)
@@ -115,6 +153,10 @@ def _run_config(args: argparse.Namespace) -> int:
     seed = cfg.seeds[0] if args.seed is None else args.seed
     spec = RunSpec(cfg, seed, method, args.target, args.out_dir, args.min_clients, args.round_timeout,
                    args.connect_timeout)
-    path = write_run_config(spec, args.output)
-    print(f"wrote {path}; start the run with:\n  flwr run {APP_DIR} <connection> --run-config {path} --stream")
+    try:
+        path = write_run_config(spec, args.output)
+    except OSError as err:
+        raise TripError(f"cannot write {args.output} ({err.strerror}): choose another -o") from None
+    print(f"wrote {path}; start the run with:\n  flwr run {APP_DIR} <connection> --run-config {path} --stream\n"
+          f"then `trip flower wait <run-id> <connection>` exits non-zero unless it completed")
     return 0

@@ -35,6 +35,9 @@ class Site:
         spec = RunSpec.from_run_config(context.run_config)
         domain = node_domain(context.node_config, spec)
         data_root = context.node_config.get("data-root")
+        if data_root:
+            declared = context.node_config.get("dataset")
+            node.check_site_data(spec.cfg, str(data_root), None if declared is None else str(declared))
         ws = node.workspace(spec.cfg, [domain], str(data_root) if data_root else None)
         return cls(spec, domain, ws, node.method_of(ws, spec.method))
 

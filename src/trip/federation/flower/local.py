@@ -2,10 +2,11 @@
 `--isolation process` and their apps run by warm trip workers, with their own temporary FLWR_HOME and free ports,
 driven with the `flwr` CLI (`flwr run`, `flwr list`, `flwr log`), optionally over TLS with SuperNode
 authentication. The same path as a deployment, without ray. Every process it starts is stopped on exit, with
-everything they started."""
+everything they started, and is killed by the kernel if trip itself dies (SIGKILL included)."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -133,25 +134,20 @@ class LocalFederation:
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         with (self.logs / f"{name}.log").open("ab") as log:
-            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+            return spawn(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     # --- runs -------------------------------------------------------------------------------------------
 
     def flwr(self, *args: str) -> str:
         """Run a `flwr` command against this federation; its stdout."""
-        res = subprocess.run([str(BIN / "flwr"), *args], env=self.env, capture_output=True, text=True, timeout=120)
-        if res.returncode != 0:
-            raise TripError(f"`flwr {' '.join(args[:2])}` failed ({res.returncode}): {res.stderr[-2000:]}"
-                            f"{res.stdout[-2000:]}")
-        return res.stdout
+        return flwr(*args, env=self.env)
 
     def submit(self, run_config: Path) -> int:
         out = self.flwr("run", str(APP_DIR), CONNECTION, "--run-config", str(run_config), "--format", "json")
         return int(_last_json(out)["run-id"])
 
     def status(self, run_id: int) -> tuple[str, str]:
-        run = _last_json(self.flwr("list", CONNECTION, "--run-id", str(run_id), "--format", "json"))["runs"][0]
-        return run["status"], run.get("status-details", "")
+        return run_status(run_id, CONNECTION, self.env)
 
     def wait(self, run_id: int, on_tick: Callable[[], bool] = lambda: False, poll: float = 0.5,
              status_every: float = 30.0) -> tuple[str, str]:
@@ -187,6 +183,43 @@ class LocalFederation:
         for procs in [*self.nodes, self.superlink]:
             terminate(procs)
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+def flwr(*args: str, env: dict[str, str]) -> str:
+    """Run a `flwr` command; its stdout."""
+    res = subprocess.run([str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        raise TripError(f"`flwr {' '.join(args[:2])}` failed ({res.returncode}): {res.stderr[-2000:]}"
+                        f"{res.stdout[-2000:]}")
+    return res.stdout
+
+
+def run_status(run_id: int, connection: str, env: dict[str, str]) -> tuple[str, str]:
+    """(status, details) of a run, e.g. ("finished:failed", "ServerApp failed with exception: ...")."""
+    run = _last_json(flwr("list", connection, "--run-id", str(run_id), "--format", "json", env=env))["runs"][0]
+    return run["status"], run.get("status-details", "")
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def spawn(cmd: list[str], **popen) -> subprocess.Popen:
+    """A process in a session of its own (a Ctrl-C in the terminal reaches trip only, which stops it in order)
+    that the kernel kills when the thread that started it ends: if trip is SIGKILLed, nothing it started lives
+    on. Start it from the main thread, which lives as long as trip (Linux; elsewhere `terminate` is all)."""
+    death_signal = _death_signal(os.getpid()) if sys.platform == "linux" else None
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=death_signal, **popen)
+
+
+def _death_signal(parent: int) -> Callable[[], None]:
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls it between fork and exec
+
+    def arm() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # trip died before the line above: nobody would send the signal
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return arm
 
 
 def terminate(procs: list[subprocess.Popen], grace: float = 5.0) -> None:

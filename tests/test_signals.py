@@ -1,0 +1,162 @@
+"""Signals end everything trip started (issue 12): SIGTERM through the process group, as a shell sends it, stops
+`trip run --engine flower` with its SuperLink, SuperNodes and workers and removes their FLWR_HOME; if trip is
+SIGKILLed, the kernel kills them. Every process of a test's trip carries a marker in its environment, so
+/proc tells which of them are alive."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trip.cli import main
+from trip.run_lock import LOCK_FILE
+
+CONFIG = {
+    "name": "signal-test", "seeds": [3], "device": "cpu",
+    "backbone": {"name": "tiny", "pretrained": None},
+    "data": {"name": "synthetic", "images_per_class": 4, "targets": ["photo"]},
+    "train": {"rounds": 4, "batch_size": 8, "lr": 0.002},
+    "methods": [{"name": "trip", "num_experts": 2, "n_ctx": 2, "kmeans_iters": 5}],
+}
+
+
+def marked(marker: str) -> dict[int, dict[str, str]]:
+    """pid -> environment of every live process carrying `marker` (a zombie's environment reads empty)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            raw = (entry / "environ").read_bytes() if entry.name.isdigit() else b""
+        except OSError:
+            continue
+        env = dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+        if env.get("TRIP_TEST_MARKER") == marker:
+            found[int(entry.name)] = env
+    return found
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.1)
+
+
+def start_trip(args: list[str], marker: str) -> subprocess.Popen:
+    """`trip ...` as a shell starts a job: in a process group of its own, marked."""
+    env = {**os.environ, "TRIP_TEST_MARKER": marker}
+    return subprocess.Popen([sys.executable, "-m", "trip.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def rounds_of(out: Path) -> list[int]:
+    log = out / "rounds.jsonl"
+    return [json.loads(line)["round"] for line in log.read_text().splitlines()] if log.is_file() else []
+
+
+def flower_run_in_round_one(tmp_path: Path) -> tuple[subprocess.Popen, str, Path, Path]:
+    """A `trip run --engine flower` that has logged its first round: (process, marker, run folder, FLWR_HOME)."""
+    config, out, marker = tmp_path / "exp.yaml", tmp_path / "run", uuid.uuid4().hex
+    config.write_text(yaml.safe_dump(CONFIG))
+    proc = start_trip(["run", str(config), "--engine", "flower", "--out", str(out)], marker)
+    wait_until(lambda: rounds_of(out) or proc.poll() is not None, 240, "the first round record")
+    assert proc.poll() is None, proc.stderr.read()
+    homes = {env["FLWR_HOME"] for pid, env in marked(marker).items() if pid != proc.pid and "FLWR_HOME" in env}
+    assert len(homes) == 1
+    return proc, marker, out, Path(homes.pop())
+
+
+def lock_holders(out: Path, pids) -> list[int]:
+    lock = str((out / LOCK_FILE).resolve())
+    holders = []
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue
+        holders += [pid] if lock in links else []
+    return holders
+
+
+@pytest.mark.flower
+def test_sigterm_to_the_process_group_stops_every_flower_process_and_resume_logs_each_round_once(tmp_path):
+    proc, marker, out, home = flower_run_in_round_one(tmp_path)
+    started = marked(marker)
+    assert len(started) >= 9  # trip, the SuperLink, its ServerApp worker, 3 SuperNodes and their workers
+    assert lock_holders(out, started) == [proc.pid]  # the run folder's lock stays with trip
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    err = proc.stderr.read()
+    assert "Traceback" not in err
+    assert f"interrupted (SIGTERM): no run in {out} had finished yet; " in err
+    assert f"--engine flower --out {out} --resume` continues the run" in err
+    assert marked(marker) == {}
+    assert not home.exists()
+
+    assert main(["run", str(tmp_path / "exp.yaml"), "--out", str(out), "--resume"]) == 0
+    assert rounds_of(out) == list(range(CONFIG["train"]["rounds"]))
+
+
+@pytest.mark.flower
+def test_sigkill_of_trip_takes_every_flower_process_with_it(tmp_path):
+    proc, marker, out, home = flower_run_in_round_one(tmp_path)
+    proc.kill()
+    proc.wait()
+    try:
+        wait_until(lambda: not marked(marker), 10, "every process of the killed trip gone")
+    finally:
+        for pid in marked(marker):  # only if the check failed: leave nothing behind
+            os.kill(pid, signal.SIGKILL)
+    assert rounds_of(out) and not (out / "results.json").exists()
+    subprocess.run(["rm", "-rf", str(home)], check=True)  # nobody was left to remove it
+
+
+def test_a_spawned_process_dies_with_the_process_that_spawned_it(tmp_path):
+    """Without Flower: a Python process spawns `sleep` as the federation does, and is SIGKILLed."""
+    marker = uuid.uuid4().hex
+    parent = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom trip.federation.flower.local import "
+                               "spawn\nspawn(['sleep', '600'])\nprint('up', flush=True)\ntime.sleep(600)"],
+                              env={**os.environ, "TRIP_TEST_MARKER": marker}, stdout=subprocess.PIPE, text=True)
+    assert parent.stdout.readline() == "up\n"
+    [sleeper] = [pid for pid in marked(marker) if pid != parent.pid]
+    parent.kill()
+    parent.wait()
+    try:
+        wait_until(lambda: not marked(marker), 10, "the sleep gone with its parent")
+    finally:
+        for pid in marked(marker):
+            os.kill(pid, signal.SIGKILL)
+    assert sleeper not in marked(marker)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_trip_flower_supernode_takes_its_supernode_and_worker_along(tmp_path, sig):
+    """A site's SuperNode (retrying a SuperLink that is not there) and its worker end with `trip flower supernode`,
+    stopped in order on SIGTERM, killed by the kernel on SIGKILL."""
+    from trip.federation.flower.certs import make_certs
+    from trip.federation.flower.local import free_port
+
+    make_certs(tmp_path / "certs", [], nodes=1)
+    marker = uuid.uuid4().hex
+    proc = start_trip(["flower", "supernode", "--superlink", f"127.0.0.1:{free_port()}",
+                       "--ca", str(tmp_path / "certs" / "ca.crt"), "--key", str(tmp_path / "certs" / "node0.key"),
+                       "--domain", "sketch", "--data-root", str(tmp_path), "--runtime-port", str(free_port())],
+                      marker)
+    wait_until(lambda: len(marked(marker)) == 3 or proc.poll() is not None, 60, "the SuperNode and its worker")
+    assert proc.poll() is None, proc.stderr.read()
+    os.killpg(proc.pid, sig)
+    assert proc.wait(timeout=60) == (128 + sig if sig == signal.SIGTERM else -sig)
+    try:
+        wait_until(lambda: not marked(marker), 10, "the SuperNode and its worker gone")
+    finally:
+        for pid in marked(marker):
+            os.kill(pid, signal.SIGKILL)
+    if sig == signal.SIGTERM:
+        assert proc.stderr.read().strip().splitlines()[-1] == "interrupted (SIGTERM)"

@@ -210,12 +210,14 @@ def _execute(cfg, out: Path, again: str, note: str, engine: str = "inprocess", r
              fresh: bool = False) -> int:
     """`again`: the command that continues this run after an interruption; `fresh`: `out` is a default run
     folder made for this run (removed again if the run never began)."""
-    from trip.experiment import run_experiment
-    from trip.run_lock import remove_unused
+    from trip.run_lock import remove_unused, run_folder_lock
 
     start = time.perf_counter()
     try:
-        runs = run_experiment(cfg, out, engine=engine, resume=resume)
+        with run_folder_lock(out):  # before torch is imported: a second run into `out` is refused in a second
+            from trip.experiment import run_experiment
+
+            runs = run_experiment(cfg, out, engine=engine, resume=resume)
     except BaseException as err:
         if fresh:
             remove_unused(out)

@@ -17,18 +17,24 @@ from pathlib import Path
 from trip.errors import TripError
 
 LOCK_FILE = ".trip-run.lock"  # not content of the run: a folder holding only this one is empty
+_held: set[Path] = set()  # run folders this process holds: the CLI takes the lock before run_experiment does
 
 
 @contextmanager
 def run_folder_lock(out: Path) -> Iterator[None]:
-    """Make `out` if needed and hold its lock; refuse at once, naming the holder, while another process has it."""
+    """Make `out` if needed and hold its lock; refuse at once, naming the holder, while another process has it.
+    Re-entrant within a process (a second flock of the same file from this process would refuse itself)."""
+    if out.resolve() in _held:
+        yield
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
         # O_CLOEXEC (Python's default, explicit here): a process trip starts must never hold the lock on.
         fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as err:
         files = [p for p in (out, *out.parents) if p.is_file()]
-        what = f"is inside a file ({files[0]})" if files else f"cannot be written ({err.strerror})"
+        what = f"cannot be written ({err.strerror})" if not files else \
+            "is a file" if files[0] == out else f"is inside a file ({files[0]})"
         raise TripError(f"run folder {out} {what}: choose another --out") from None
     try:
         try:
@@ -40,8 +46,10 @@ def run_folder_lock(out: Path) -> Iterator[None]:
                   "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
+        _held.add(out.resolve())
         yield
     finally:
+        _held.discard(out.resolve())
         os.close(fd)  # releases the lock
 
 

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -206,8 +207,9 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 def spawn(cmd: list[str], **popen) -> subprocess.Popen:
     """A process in a session of its own (a Ctrl-C in the terminal reaches trip only, which stops it in order)
     that the kernel kills when the thread that started it ends: if trip is SIGKILLed, nothing it started lives
-    on. Start it from the main thread, which lives as long as trip (Linux; elsewhere `terminate` is all)."""
-    death_signal = _death_signal(os.getpid()) if sys.platform == "linux" else None
+    on. Only from the main thread, which lives as long as trip (Linux; otherwise `terminate` is all)."""
+    armed = sys.platform == "linux" and threading.current_thread() is threading.main_thread()
+    death_signal = _death_signal(os.getpid()) if armed else None
     return subprocess.Popen(cmd, start_new_session=True, preexec_fn=death_signal, **popen)
 
 

@@ -4,7 +4,6 @@ only in runs on its own data set and never writes into its data root, bad site o
 import time
 
 import pytest
-import yaml
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from trip.cli import main
@@ -80,11 +79,3 @@ def test_supernode_options_that_every_run_would_refuse_are_refused_at_start(tmp_
             "--domain", "sketch"]
     assert main(site + [a.format(tmp=tmp_path) for a in args]) == 2
     assert message.format(tmp=tmp_path) in capsys.readouterr().err
-
-
-def test_run_config_into_a_file_is_one_message(tmp_path, capsys):
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(SYNTHETIC_RUN.cfg.model_dump(mode="json")))
-    (tmp_path / "file").write_text("x")
-    out = tmp_path / "file" / "run.toml"
-    assert main(["flower", "run-config", str(tmp_path / "exp.yaml"), "--target", "photo", "-o", str(out)]) == 2
-    assert capsys.readouterr().err == f"error: cannot write {out} (Not a directory): choose another -o\n"

@@ -145,7 +145,6 @@ def _wait(args: argparse.Namespace) -> int:
 
 def _run_config(args: argparse.Namespace) -> int:
     from trip.config import load_config, method_label
-    from trip.errors import TripError
     from trip.federation.flower.protocol import APP_DIR, RunSpec, write_run_config
 
     cfg = load_config(args.config, args.overrides)
@@ -153,10 +152,7 @@ def _run_config(args: argparse.Namespace) -> int:
     seed = cfg.seeds[0] if args.seed is None else args.seed
     spec = RunSpec(cfg, seed, method, args.target, args.out_dir, args.min_clients, args.round_timeout,
                    args.connect_timeout)
-    try:
-        path = write_run_config(spec, args.output)
-    except OSError as err:
-        raise TripError(f"cannot write {args.output} ({err.strerror}): choose another -o") from None
+    path = write_run_config(spec, args.output)
     print(f"wrote {path}; start the run with:\n  flwr run {APP_DIR} <connection> --run-config {path} --stream\n"
           f"then `trip flower wait <run-id> <connection>` exits non-zero unless it completed")
     return 0

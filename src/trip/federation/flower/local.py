@@ -29,6 +29,9 @@ CONNECTION = "trip-local"
 BIN = Path(sys.executable).parent  # flwr's commands live beside the interpreter that runs trip
 FLOWER_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
               "FLWR_DISABLE_UPDATE_CHECK": "1"}
+# Several torch processes share the cores here: OpenMP threads that spin while they wait for work take the cores
+# the other workers compute on (rounds ~5x slower on 2 cores). The wait policy changes no number.
+SHARED_CORES_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,10 @@ def superlink_command(host: str, port: int, tls: Tls | None, database: str | Non
 def supernode_command(superlink: str, runtime_port: int, node_config: str,
                       auth: tuple[Path, Path] | None) -> list[str]:
     """`flower-supernode` whose ClientApp tasks a trip worker runs (`--isolation process`), authenticated with
-    `auth` = (CA certificate, the node's private key) over TLS, or --insecure without."""
-    cmd = [str(BIN / "flower-supernode"), "--superlink", superlink, "--isolation", "process", "--host", "127.0.0.1",
-           "--port", str(runtime_port), "--node-config", node_config]
+    `auth` = (CA certificate, the node's private key) over TLS, or --insecure without; with trip's poll waits
+    (trip.federation.flower.polling) instead of Flower's seconds."""
+    cmd = [sys.executable, "-m", "trip.federation.flower.polling", "flower-supernode", "--superlink", superlink,
+           "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", node_config]
     if auth is None:
         return [*cmd, "--insecure"]
     return [*cmd, "--root-certificates", str(auth[0]), "--auth-supernode-private-key", str(auth[1])]
@@ -91,7 +95,7 @@ class LocalFederation:
                  worker: Callable[[int, str], list[str]] = trip_worker):
         self.node_configs, self.logs, self.tls, self.worker = node_configs, logs, tls, worker
         self.home = Path(tempfile.mkdtemp(prefix="trip-flwr-home-"))
-        self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home)}
+        self.env = {**SHARED_CORES_ENV, **os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home)}
         self.superlink: list[subprocess.Popen] = []  # the SuperLink and the worker that runs its ServerApps
         self.nodes: list[list[subprocess.Popen]] = []  # per node: the SuperNode and its worker
 

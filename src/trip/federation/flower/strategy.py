@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from trip.errors import TripError
+from trip.federation.flower.polling import Backoff
 from trip.federation.flower.protocol import MODELS, RunSpec, from_record, to_record
 from trip.federation.server import BMA, fedavg
 from trip.methods.base import Method
@@ -133,13 +134,13 @@ class TripStrategy(Strategy):
         pending = {i for i in grid.push_messages(messages) if i}
         self._sent.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages})
         replies: list[Message] = []
-        deadline = time.monotonic() + timeout
+        deadline, wait = time.monotonic() + timeout, Backoff()
         while pending and time.monotonic() < deadline:
             got = list(grid.pull_messages(pending))
             replies += got
             pending -= {m.metadata.reply_to_message_id for m in got}
             if pending:
-                time.sleep(0.25)
+                wait.pause()
         for msg_id in pending:
             self._fail(self._sent[msg_id], f"no reply within {timeout:g} s")
         return replies

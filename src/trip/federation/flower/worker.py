@@ -13,7 +13,6 @@ acquire a task, pull its input (message or context, run, FAB), call the app the 
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from logging import ERROR, INFO
@@ -44,19 +43,21 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import HttpGrid
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+from trip.federation.flower.polling import Backoff, quick_object_pulls
 from trip.federation.flower.protocol import quiet_root_logger
 
 
-def serve(runtime_api: str, root_certificates: str | None = None, serverapp: bool = False,
-          poll: float = 0.2) -> None:
+def serve(runtime_api: str, root_certificates: str | None = None, serverapp: bool = False) -> None:
     """Run, forever, the ClientApp tasks of the SuperNode (or with `serverapp` the ServerApp tasks of the
     SuperLink) whose Runtime API is at `runtime_api` (host:port; over TLS when `root_certificates` is given)."""
     quiet_root_logger()
+    quick_object_pulls()
     kind = TaskType.SERVER_APP if serverapp else TaskType.CLIENT_APP
     run = run_serverapp_task if serverapp else run_clientapp_task
     client = runtime_client(runtime_api, root_certificates, kind)
     log(INFO, "trip worker: serving the %s tasks of the Runtime API at %s", kind, runtime_api)
     request = AcquireTaskRequest(supported_task_types=[kind])
+    backoff = Backoff()
     while True:
         res = client.AcquireTask(request)
         if res.HasField("task") and res.token:
@@ -64,8 +65,9 @@ def serve(runtime_api: str, root_certificates: str | None = None, serverapp: boo
                 run(runtime_api, root_certificates, res.token)
             except Exception as ex:  # noqa: BLE001 - a task that could not even report its failure
                 log(ERROR, "task %d was lost: %s", res.task.task_id, ex)
+            backoff.busy()
         else:
-            time.sleep(poll)
+            backoff.pause()
 
 
 def run_clientapp_task(runtime_api: str, root_certificates: str | None, token: str) -> None:

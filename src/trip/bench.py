@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trip import routing
-from trip.backbone import Backbone, autocast, new_tiny_clip
+from trip.backbone import Backbone, autocast
 from trip.config import TripCfg
 from trip.data.benchmarks import DOMAINNET_CLASSES, OFFICE_HOME_CLASSES
 from trip.errors import TripError
@@ -41,6 +41,7 @@ from trip.methods.base import Split
 from trip.methods.trip import Trip, distillation_loss
 from trip.reference_router import reference_route
 from trip.textenc import PromptTokens, encode_prompts, encode_prompts_naive
+from trip.tinyclip import new_tiny_clip
 
 SEED = 0
 CAPACITY_FACTOR = 1.0
@@ -194,11 +195,11 @@ def _batch(method: Trip, batch: int, classes: int) -> Split:
     weights = torch.rand(batch, method.cfg.num_experts, generator=g)
     weights = weights / weights.sum(1, keepdim=True)  # [B, M]
     dim = bb.model.text_projection.shape[-1]
-    split = Split(features=F.normalize(torch.randn(batch, dim, generator=g), dim=-1),
-                  labels=torch.randint(classes, (batch,), generator=g),
-                  cls=torch.randn(batch, bb.vision_width, generator=g),
-                  routing={spec.key(): weights for spec in method.routing_specs()})
-    return split.to(bb.device)
+    features = F.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    labels = torch.randint(classes, (batch,), generator=g)
+    cls = torch.randn(batch, bb.vision_width, generator=g)
+    inputs = {"features": features, "cls": cls, **{spec.key(): weights for spec in method.inputs().routing}}
+    return Split(labels.to(bb.device), {k: v.to(bb.device) for k, v in inputs.items()})
 
 
 def _naive_logits(method: Trip, params: dict[str, Tensor], feats: Tensor, weights: Tensor,
@@ -250,7 +251,7 @@ def measure_steps(backbone: Backbone, s: Settings, dataset: str, vit_s: float) -
     num_classes = len(CLASS_NAMES[dataset])
     method = _trip(backbone, s, CLASS_NAMES[dataset])
     batch = _batch(method, s.batch, num_classes)
-    weights = batch.routing[method.route_train.key()]
+    weights = batch[method.route_train.key()]
     params = {k: v.clone().requires_grad_(True) for k, v in method.init_params(SEED).items()}
     opt = torch.optim.AdamW(params.values(), lr=5e-4, betas=(0.9, 0.98), eps=1e-7, weight_decay=0.01)
     k = min(num_classes, s.naive_classes or num_classes)

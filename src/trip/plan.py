@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import open_clip
 
-from trip.backbone import TINY_CFG
 from trip.config import BackboneCfg, ExperimentCfg, method_label
 from trip.data.datasets import DatasetSpec, dataset_root, get_dataset
 from trip.data.folder import Domain, split_indices, subsample
 from trip.data.loading import scan_domains
 from trip.errors import TripError
-from trip.experiment import split_problems, targets_of
 from trip.methods import comm_params
 from trip.results import text_table
+from trip.tinyclip import TINY_CFG
+from trip.workspace import split_problems, targets_of
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 

@@ -32,7 +32,7 @@ from trip.errors import TripError
 from trip.features import image_id
 
 if TYPE_CHECKING:
-    from trip.experiment import Workspace
+    from trip.workspace import Workspace
 
 OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000")
 _SERIES_ORDER = (4, 5, 2, 6, 0, 1, 7, 3)  # lines on white: strong colours first, yellow last
@@ -235,7 +235,7 @@ def expert_usage(workspace: Workspace) -> dict:
 
     methods = {}
     for method in workspace.methods:
-        if not (isinstance(method, Trip) and method.routing_specs()):
+        if not (isinstance(method, Trip) and method.inputs().routing):
             continue
         phases = {phase: {"capacity": spec.capacity,
                           "domains": {d: _usage(f.routing[spec.key()]) for d, f in workspace.frozen.items()}}

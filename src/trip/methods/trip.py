@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from trip import routing
 from trip.backbone import autocast
-from trip.features import RoutingSpec
+from trip.config import OptimizerCfg
+from trip.features import Inputs, RoutingSpec
 from trip.methods.base import Method, Split, gaussian_init
 from trip.methods.text import zeroshot_weights
 from trip.textenc import build_prompt_tokens, encode_prompts
@@ -36,8 +37,13 @@ class Trip(Method):
         router = cfg.num_experts * (vision_width + 1) if cfg.routing == "learned" else 0
         return cfg.num_experts * cfg.n_ctx * text_width + router
 
-    def routing_specs(self) -> list[RoutingSpec]:
-        return [self.route_train, self.route_infer] if self.cfg.routing == "token" else []
+    def inputs(self) -> Inputs:
+        if self.cfg.routing == "token":
+            return Inputs(routing=(self.route_train, self.route_infer))
+        return Inputs(cls=self.cfg.routing in ("image-hard", "image-soft", "learned"))
+
+    def optimizer(self) -> OptimizerCfg | None:
+        return self.cfg.optimizer
 
     def init_params(self, seed: int) -> dict[str, torch.Tensor]:
         c, dev, width = self.cfg, self.backbone.device, self.backbone.text_width
@@ -55,14 +61,14 @@ class Trip(Method):
         """[b, M] mixture weights of each image."""
         mode = self.cfg.routing
         if mode == "token":
-            return batch.routing[(self.route_train if train else self.route_infer).key()]
+            return batch[(self.route_train if train else self.route_infer).key()]
         if mode in ("image-hard", "image-soft"):
-            return routing.image_level_weights(batch.cls, self.keys, mode.removeprefix("image-"),
+            return routing.image_level_weights(batch["cls"], self.keys, mode.removeprefix("image-"),
                                                temperature=self.cfg.image_temperature)
         if mode == "uniform":
             return torch.full((len(batch), self.cfg.num_experts), 1 / self.cfg.num_experts,
-                              device=batch.cls.device)
-        return torch.softmax(batch.cls @ params["router.weight"].T + params["router.bias"], dim=-1)
+                              device=batch.features.device)
+        return torch.softmax(batch["cls"] @ params["router.weight"].T + params["router.bias"], dim=-1)
 
     def _student_logits(self, params: dict[str, torch.Tensor], batch: Split, train: bool) -> torch.Tensor:
         w = self.mixture_weights(params, batch, train).to(params["experts"].dtype)

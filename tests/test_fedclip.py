@@ -22,7 +22,7 @@ def _split(backbone, n=10, seed=0) -> Split:
 
 
 def test_comm_params_at_the_paper_width():
-    assert comm_params(FedCLIPCfg(name="fedclip"), text_width=512, vision_width=768) == 525_312
+    assert comm_params(FedCLIPCfg(name="fedclip"), text_width=512, vision_width=768, classes=65) == 525_312
 
 
 def test_optimizer_defaults_and_partial_override():

@@ -28,7 +28,7 @@ def test_comm_accounting_for_the_paper_backbone():
     methods = parse_config({"methods": [{"name": "trip"}, {"name": "trip-lite"}, {"name": "promptfl"},
                                         {"name": "zeroshot"},
                                         {"name": "trip", "routing": "learned", "label": "learned"}]}).methods
-    counts = [comm_params(m, text_width=512, vision_width=768) for m in methods]
+    counts = [comm_params(m, text_width=512, vision_width=768, classes=65) for m in methods]
     assert counts == [65_536, 1_024, 8_192, 0, 65_536 + 4 * (768 + 1)]
 
 

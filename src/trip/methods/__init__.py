@@ -34,14 +34,14 @@ def build_method(cfg, backbone: Backbone, class_names: tuple[str, ...]) -> Metho
     return method_class(cfg)(cfg, backbone, class_names)
 
 
-def comm_params(cfg, text_width: int = 512, vision_width: int = 768) -> int:
-    """Parameters one client sends per round (and receives), from the config alone."""
-    return method_class(cfg).count_params(cfg, text_width, vision_width)
+def comm_params(cfg, text_width: int, vision_width: int, classes: int) -> int:
+    """Parameters one client sends per round (and receives), from the config and the data set's class count."""
+    return method_class(cfg).count_params(cfg, text_width, vision_width, classes)
 
 
-def upload_params(cfg, text_width: int = 512, vision_width: int = 768) -> int:
-    """Parameters one client uploads once for the target prediction, from the config alone."""
-    return method_class(cfg).count_upload(cfg, text_width, vision_width)
+def upload_params(cfg, text_width: int, vision_width: int, classes: int) -> int:
+    """Parameters one client uploads once for the target prediction, from the config and the class count."""
+    return method_class(cfg).count_upload(cfg, text_width, vision_width, classes)
 
 
 __all__ = ["Method", "build_method", "comm_params", "register", "upload_params"]

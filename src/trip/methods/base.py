@@ -86,22 +86,22 @@ class Method:
         self.label = cfg.label or cfg.name
 
     @staticmethod
-    def count_params(cfg, text_width: int, vision_width: int) -> int:
+    def count_params(cfg, text_width: int, vision_width: int, classes: int) -> int:
         """Parameters one client sends (and receives) per round."""
         return 0
 
     @staticmethod
-    def count_upload(cfg, text_width: int, vision_width: int) -> int:
+    def count_upload(cfg, text_width: int, vision_width: int, classes: int) -> int:
         """Parameters one client uploads once, at the end, for the target prediction (`target_upload`)."""
         return 0
 
     @property
     def comm_params(self) -> int:
-        return self.count_params(self.cfg, self.backbone.text_width, self.backbone.vision_width)
+        return self.count_params(self.cfg, self.backbone.text_width, self.backbone.vision_width, len(self.class_names))
 
     @property
     def upload_params(self) -> int:
-        return self.count_upload(self.cfg, self.backbone.text_width, self.backbone.vision_width)
+        return self.count_upload(self.cfg, self.backbone.text_width, self.backbone.vision_width, len(self.class_names))
 
     @property
     def trainable(self) -> bool:

@@ -34,7 +34,7 @@ class FedCLIP(Method):
         return self.cfg.optimizer
 
     @staticmethod
-    def count_params(cfg, text_width: int, vision_width: int) -> int:
+    def count_params(cfg, text_width: int, vision_width: int, classes: int) -> int:
         # E is the joint embedding width, equal to the text width in every CLIP ViT (512 for ViT-B/16).
         return 2 * (text_width**2 + text_width)
 

@@ -21,7 +21,7 @@ class PromptFL(Method):
         return self.cfg.optimizer
 
     @staticmethod
-    def count_params(cfg, text_width: int, vision_width: int) -> int:
+    def count_params(cfg, text_width: int, vision_width: int, classes: int) -> int:
         return cfg.n_ctx * text_width
 
     def init_params(self, seed: int) -> dict[str, torch.Tensor]:

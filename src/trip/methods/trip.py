@@ -33,7 +33,7 @@ class Trip(Method):
         return RoutingSpec(c.num_experts, capacity, c.kmeans_iters, c.key_seed, c.assignment, run)
 
     @staticmethod
-    def count_params(cfg, text_width: int, vision_width: int) -> int:
+    def count_params(cfg, text_width: int, vision_width: int, classes: int) -> int:
         router = cfg.num_experts * (vision_width + 1) if cfg.routing == "learned" else 0
         return cfg.num_experts * cfg.n_ctx * text_width + router
 

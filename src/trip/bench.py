@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from unittest import mock
 
 import open_clip
 import torch
@@ -175,7 +174,7 @@ def _backbone(model_name: str, device: torch.device) -> Backbone:
     return Backbone(model, open_clip.get_tokenizer("ViT-B-16"), f"{model_name}:random", device)
 
 
-def _random_teacher(backbone: Backbone, class_names: tuple[str, ...], templates: str) -> Tensor:
+def _random_teacher(backbone: Backbone, class_names: tuple[str, ...]) -> Tensor:
     """Stands in for the zero-shot teacher, whose 60-template text pass is not what is measured."""
     g = torch.Generator().manual_seed(SEED)
     dim = backbone.model.text_projection.shape[-1]
@@ -184,8 +183,7 @@ def _random_teacher(backbone: Backbone, class_names: tuple[str, ...], templates:
 
 def _trip(backbone: Backbone, s: Settings, names: tuple[str, ...]) -> Trip:
     cfg = TripCfg(name="trip", num_experts=s.experts, n_ctx=s.n_ctx, teacher="single")
-    with mock.patch("trip.methods.trip.zeroshot_weights", _random_teacher):
-        return Trip(cfg, backbone, names)
+    return Trip(cfg, backbone, names, teacher=_random_teacher(backbone, names))
 
 
 def _batch(method: Trip, batch: int, classes: int) -> Split:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from trip import results
+from trip import expert_usage, results
 from trip.checkpoint import RunCheckpoints, run_key
 from trip.config import ExperimentCfg, dump_config
 from trip.errors import TripError
@@ -65,9 +65,9 @@ def _run_all(ws: Workspace, out: Path, runs: list[dict], federate: Federate) -> 
                         runs.append(_run_one(ws, method, target, seed, rounds_file, federate))
                         results.write_results(out, cfg, runs, skipped_images=ws.skipped_images)
     results.write_summary(out, cfg, runs)
+    expert_usage.write(ws, out)  # before the figures: they read it
     from trip import viz  # matplotlib: imported only where figures are drawn (not in Flower workers)
 
-    viz.write_expert_usage(ws, out)  # before the figures: they read it
     viz.write_run_figures(out)
     return runs
 

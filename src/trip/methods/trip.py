@@ -19,11 +19,13 @@ from trip.textenc import build_prompt_tokens, encode_prompts
 class Trip(Method):
     eval_batch_size = 64  # every image has its own prompt: a batch encodes batch × classes sequences
 
-    def __init__(self, cfg, backbone, class_names):
+    def __init__(self, cfg, backbone, class_names, teacher: torch.Tensor | None = None):
+        """`teacher`: [C, E] normalised class features to distil from; None: the zero-shot teacher of cfg.teacher
+        (a benchmark passes a stand-in to skip the 60-template text pass it does not measure)."""
         super().__init__(cfg, backbone, class_names)
         self.uses_bma = cfg.bma
         self.tokens = build_prompt_tokens(backbone.model, backbone.tokenizer, class_names, cfg.n_ctx)
-        self.teacher = zeroshot_weights(backbone, class_names, cfg.teacher)  # [C, E]
+        self.teacher = zeroshot_weights(backbone, class_names, cfg.teacher) if teacher is None else teacher  # [C, E]
         self.keys = routing.static_keys(cfg.num_experts, backbone.vision_width, cfg.key_seed).to(backbone.device)
         self.route_train = self._spec(cfg.capacity_train, "train")
         self.route_infer = self._spec(cfg.capacity_infer, "infer")

@@ -62,7 +62,7 @@ class Backbone:
         return float(self.model.logit_scale.exp())
 
     def transform(self) -> transforms.Compose:
-        """The CLIP test transform (spec §1.3), used for every split: no augmentation."""
+        """The CLIP test transform (docs/method.md §1.3), used for every split: no augmentation."""
         return clip_transform(self.image_size)
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""`trip bench`: the fast paths against the official-style ones, as ratios measured in one run (spec §10).
+"""`trip bench`: the fast paths against the official-style ones, as ratios measured in one run (docs/method.md §10).
 
 Each measurement holds the images/s of the fast and of the naive path and ``ratio = fast / naive``:
 
@@ -44,7 +44,7 @@ from trip.tinyclip import new_tiny_clip
 
 SEED = 0
 CAPACITY_FACTOR = 1.0
-# Office-Home domain sizes (spec §1.1), for the wall-clock estimate of a leave-one-out table.
+# Office-Home domain sizes (docs/method.md §1.1), for the wall-clock estimate of a leave-one-out table.
 OFFICE_HOME_SIZES = {"Art": 2427, "Clipart": 4365, "Product": 4439, "Real_World": 4357}
 TABLE_ROUNDS = 15
 TRAIN_FRACTION = 0.8

@@ -54,7 +54,7 @@ class TrainCfg(_Strict):
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-4, gt=0)
-    lr_decay: float = Field(0.8, gt=0, le=1)  # round r trains with lr * lr_decay**r (spec §1.6 `gamma`)
+    lr_decay: float = Field(0.8, gt=0, le=1)  # round r trains with lr * lr_decay**r (docs/method.md §1.6 `gamma`)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-7, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -99,7 +99,7 @@ class PromptFLCfg(_Strict):
 
 
 class TripCfg(_Strict):
-    """TRIP, TRIP-Lite and their ablations (spec §2–§6, §7.2)."""
+    """TRIP, TRIP-Lite and their ablations (docs/method.md §2–§6, §7.2)."""
 
     name: Literal["trip", "trip-lite"]
     label: str | None = None
@@ -116,7 +116,7 @@ class TripCfg(_Strict):
     kmeans_iters: int = Field(100, ge=1)
     key_seed: int = 0
     image_temperature: float = Field(0.1, gt=0)
-    tie_expert_init: bool = False  # True reproduces the official identical init (spec B1)
+    tie_expert_init: bool = False  # True reproduces the official identical init (docs/reproduce.md B1)
     bma: bool = True
     bma_beta: float = Field(0.2, gt=0)
     bma_include_init: bool = True
@@ -130,12 +130,12 @@ class TripCfg(_Strict):
         return data
 
 
-# FedCLIP's own optimizer (its code's defaults, spec §7.2).
+# FedCLIP's own optimizer (its code's defaults, docs/method.md §7.2).
 FEDCLIP_OPTIMIZER = {"name": "adam", "lr": 5e-5, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.2}
 
 
 class FedCLIPCfg(_Strict):
-    """FedCLIP (spec §7.2): an attention adapter on the frozen image feature, FedAvg'd."""
+    """FedCLIP (docs/method.md §7.2): an attention adapter on the frozen image feature, FedAvg'd."""
 
     name: Literal["fedclip"]
     label: str | None = None

@@ -1,4 +1,4 @@
-"""The data sets trip knows: canonical domain order and class lists (spec §1.1), and where they live."""
+"""The data sets trip knows: canonical domain order and class lists (docs/method.md §1.1), and where they live."""
 
 from __future__ import annotations
 

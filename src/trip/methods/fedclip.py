@@ -1,4 +1,4 @@
-"""FedCLIP (Lu et al., 2023; spec §7.2): a frozen CLIP with an attention adapter on the image feature,
+"""FedCLIP (Lu et al., 2023; docs/method.md §7.2): a frozen CLIP with an attention adapter on the image feature,
 A(f) = softmax(W₂·tanh(W₁f + b₁) + b₂) over the E feature dims, f' = A(f) ⊙ f. Only the adapter is trained
 and FedAvg'd: 2·(E² + E) parameters (525,312 at E = 512). Text features are frozen: "a picture of a {class}".
 

@@ -1,4 +1,4 @@
-"""TRIP (spec §2–§5): M prompt experts; each image's context is the mixture Σ_e w_e·E_e with w from the
+"""TRIP (docs/method.md §2–§5): M prompt experts; each image's context is the mixture Σ_e w_e·E_e with w from the
 parameter-free token router (precomputed, cached); loss = CE + α·soft cross-entropy to the zero-shot teacher.
 Ablations replace the router (image-level, uniform, learned gate) or its parts (assignment, capacity)."""
 
@@ -49,7 +49,7 @@ class Trip(Method):
 
     def init_params(self, seed: int) -> dict[str, torch.Tensor]:
         c, dev, width = self.cfg, self.backbone.device, self.backbone.text_width
-        if c.tie_expert_init:  # the official quirk: every expert starts from the same draw (spec B1)
+        if c.tie_expert_init:  # the official quirk: every expert starts from the same draw (docs/reproduce.md B1)
             experts = gaussian_init((c.n_ctx, width), seed, dev).expand(c.num_experts, -1, -1).clone()
         else:
             experts = gaussian_init((c.num_experts, c.n_ctx, width), seed, dev)
@@ -91,8 +91,8 @@ class Trip(Method):
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                       alpha: float) -> torch.Tensor:
-    """CE + α·Σ_c −q_c log p_c (spec §5), the quantity the official code optimizes and logs. Its gradient is that
-    of CE + α·KL(q ‖ p); the value is larger by α·H(q), the teacher's entropy."""
+    """CE + α·Σ_c −q_c log p_c (docs/method.md §5), the quantity the official code optimizes and logs. Its gradient
+    is that of CE + α·KL(q ‖ p); the value is larger by α·H(q), the teacher's entropy."""
     loss = F.cross_entropy(student, labels)
     if alpha > 0:
         soft = -(torch.softmax(teacher, -1) * F.log_softmax(student, -1)).sum(-1).mean()

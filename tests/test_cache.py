@@ -18,9 +18,10 @@ from trip import pretrain, safefile
 from trip.data.folder import scan_domain
 from trip.data.loading import cached_unreadable
 from trip.data.synthetic import CLASSES, DOMAINS, write_domains
-from trip.features import FrozenStore, RoutingSpec
+from trip.features import FrozenStore, Inputs, RoutingSpec
 
 SPECS = [RoutingSpec(4, 1.0, iters=20, run="train"), RoutingSpec(4, 2.0, iters=20, run="infer")]
+INPUTS = Inputs(cls=True, routing=tuple(SPECS))
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +33,13 @@ def data(tmp_path_factory) -> Path:
 def clean(data, tiny_backbone, tmp_path_factory):
     """The photo domain's features from an empty cache: what every rebuilt file must equal."""
     store = FrozenStore(tiny_backbone, tmp_path_factory.mktemp("clean-cache"))
-    return store.load("synthetic", scan_domain(data, "photo", CLASSES), SPECS)
+    return store.load("synthetic", scan_domain(data, "photo", CLASSES), INPUTS)
 
 
 def _store(tiny_backbone, tmp_path: Path, data: Path):
     store = FrozenStore(tiny_backbone, tmp_path / "cache")
     domain = scan_domain(data, "photo", CLASSES)
-    store.load("synthetic", domain, SPECS)
+    store.load("synthetic", domain, INPUTS)
     (path,) = (tmp_path / "cache").rglob("*.safetensors")
     return store, domain, path
 
@@ -66,17 +67,17 @@ def _flip(path: Path, offset: int) -> None:
 def test_overwritten_images_give_new_features_not_the_cached_ones(tiny_backbone, tmp_path, capsys):
     data = write_domains(tmp_path / "data", images_per_class=2, seed=0)
     store, domain, _ = _store(tiny_backbone, tmp_path, data)
-    before = store.load("synthetic", domain, SPECS)
+    before = store.load("synthetic", domain, INPUTS)
     for p in domain.paths:  # the sketch images under the photo names
         shutil.copyfile(data / p.replace("photo", "sketch"), data / p)
     capsys.readouterr()
-    after = store.load("synthetic", domain, SPECS)
+    after = store.load("synthetic", domain, INPUTS)
     assert "images of photo changed on disk" in capsys.readouterr().err
     assert not torch.equal(after.features, before.features)
-    fresh = FrozenStore(tiny_backbone, tmp_path / "fresh").load("synthetic", domain, SPECS)
+    fresh = FrozenStore(tiny_backbone, tmp_path / "fresh").load("synthetic", domain, INPUTS)
     assert _equal(after, fresh)
     capsys.readouterr()
-    store.load("synthetic", domain, SPECS)
+    store.load("synthetic", domain, INPUTS)
     assert capsys.readouterr().err == ""  # the rebuilt file is used as is: no note, no computation
 
 
@@ -90,17 +91,17 @@ def test_a_bad_feature_file_is_rebuilt_with_a_warning(damage, data, clean, tiny_
     elif damage == "truncate":
         path.write_bytes(path.read_bytes()[:-100])
     elif damage == "other-domain":
-        FrozenStore(tiny_backbone, tmp_path / "other").load("synthetic", scan_domain(data, "sketch", CLASSES), SPECS)
+        FrozenStore(tiny_backbone, tmp_path / "other").load("synthetic", scan_domain(data, "sketch", CLASSES), INPUTS)
         shutil.copyfile(next((tmp_path / "other").rglob("*.safetensors")), path)
     else:  # a whole, checksummed file for these images, but with a row missing
         tensors, meta = safefile.read_tensors(path)
         safefile.write_tensors(path, {k: v[:-1] for k, v in tensors.items()}, meta)
     capsys.readouterr()
-    got = store.load("synthetic", domain, SPECS)
+    got = store.load("synthetic", domain, INPUTS)
     err = capsys.readouterr().err
     assert f"warning: frozen-feature cache {path} is corrupt" in err and "rebuilding" in err
     assert _equal(got, clean)
-    assert _equal(FrozenStore(tiny_backbone, tmp_path / "cache").load("synthetic", domain, SPECS), clean)
+    assert _equal(FrozenStore(tiny_backbone, tmp_path / "cache").load("synthetic", domain, INPUTS), clean)
     assert capsys.readouterr().err == ""
 
 

@@ -18,12 +18,11 @@ CLASSES = ("circle", "square", "tennis_racket")
 def _split(backbone, n=10, seed=0) -> Split:
     gen = torch.Generator().manual_seed(seed)
     raw = torch.randn(n, backbone.model.text_projection.shape[1], generator=gen) * 10
-    return Split(F.normalize(raw, dim=-1), torch.arange(n) % len(CLASSES),
-                 torch.randn(n, backbone.vision_width, generator=gen), norms=raw.norm(dim=-1))
+    return Split(torch.arange(n) % len(CLASSES), {"features": F.normalize(raw, dim=-1), "norms": raw.norm(dim=-1)})
 
 
 def test_comm_params_at_the_paper_width():
-    assert comm_params(FedCLIPCfg(name="fedclip"), text_width=512, vision_width=768) == 525_312
+    assert comm_params(FedCLIPCfg(name="fedclip"), text_width=512, vision_width=768, classes=65) == 525_312
 
 
 def test_optimizer_defaults_and_partial_override():
@@ -73,7 +72,7 @@ def test_loss_and_logits_match_fedclip_code(tiny_backbone):
     adapter = nn.Sequential(nn.Linear(e, e), nn.Tanh(), nn.Linear(e, e), nn.Softmax(dim=1))
     adapter.load_state_dict({"0.weight": params["fc1.weight"], "0.bias": params["fc1.bias"],
                              "2.weight": params["fc2.weight"], "2.bias": params["fc2.bias"]})
-    raw = split.features * split.norms[:, None]
+    raw = split.features * split["norms"][:, None]
     image = F.normalize(adapter(raw) * raw, dim=1)
     per_image = tiny_backbone.logit_scale * image @ method.text[split.labels].t()
     truth = torch.arange(len(split))

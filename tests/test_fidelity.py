@@ -12,8 +12,9 @@ from PIL import Image
 from trip.config import TrainCfg, TripCfg, parse_config
 from trip.data import benchmarks as bm
 from trip.experiment import prepare
-from trip.federation.client import client_update, round_seed
+from trip.federation.client import client_update
 from trip.federation.inprocess import run_federation
+from trip.federation.rounds import round_seed
 from trip.federation.server import fedavg, fedavg_weights
 from trip.methods import build_method
 from trip.methods.base import Split
@@ -89,7 +90,8 @@ CLASSES = ("circle", "square", "tennis_racket")
 def _split(backbone, n=10) -> Split:
     gen = torch.Generator().manual_seed(0)
     feats = F.normalize(torch.randn(n, backbone.model.text_projection.shape[1], generator=gen), dim=-1)
-    return Split(feats, torch.arange(n) % len(CLASSES), torch.randn(n, backbone.vision_width, generator=gen))
+    return Split(torch.arange(n) % len(CLASSES),
+                 {"features": feats, "cls": torch.randn(n, backbone.vision_width, generator=gen)})
 
 
 def test_the_logged_loss_is_ce_plus_soft_cross_entropy_to_the_teacher(tiny_backbone):

@@ -27,7 +27,8 @@ from trip.federation.flower.engine import FlowerRuns
 from trip.federation.flower.local import LocalFederation, Tls, descendants, free_port, supernode_command, trip_worker
 from trip.federation.flower.protocol import RunSpec, from_record, to_record, write_run_config
 from trip.federation.flower.strategy import Peer, TripStrategy, UpdateRefused, check_update
-from trip.federation.inprocess import run_federation, select_round
+from trip.federation.inprocess import run_federation
+from trip.federation.rounds import select_round
 from trip.federation.server import fedavg
 
 pytestmark = pytest.mark.flower
@@ -101,16 +102,17 @@ def test_update_with_nans_is_refused_named_and_the_rest_aggregated(cfg, workspac
     sizes = [r.content["metrics"]["num-examples"] for r in replies]
     assert sizes == [len(workspace.domains[d]) for d in spec.sources[:2]]  # the images a node holds
     nans = ArrayRecord({"experts": Array(np.full(tuple(init["experts"].shape), np.nan, np.float32))})
-    replies.append(Message(RecordDict({"arrays": nans, "metrics": replies[0].content["metrics"]}),
+    replies.append(Message(RecordDict({"arrays": nans, "upload": replies[0].content["upload"],
+                                       "metrics": replies[0].content["metrics"]}),
                            reply_to=train_message(content, 12)))
 
     strategy = TripStrategy(method, spec, [Peer(10 + i, d) for i, d in enumerate(spec.sources)], None,
                             on_round=lambda _: None)
-    strategy.params = init
+    strategy.server.params = init
     with caplog.at_level("WARNING", logger="flwr"):
         arrays, _ = strategy.aggregate_train(1, replies)
     assert torch.equal(from_record(arrays)["experts"], fedavg(good, sizes)["experts"])
-    assert strategy.round_state["participants"] == spec.sources[:2]
+    assert [a.domain for a in strategy.round_state["accepted"]] == spec.sources[:2]
     assert "non-finite" in strategy.round_state["failed"][spec.sources[2]]
     assert f"node 12 ({spec.sources[2]}) left out" in caplog.text
 

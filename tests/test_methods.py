@@ -20,22 +20,22 @@ def _split(backbone, n=12, routing_specs=(), seed=0):
     for spec in routing_specs:
         w = torch.rand(n, spec.num_experts, generator=gen)
         routing[spec.key()] = w / w.sum(-1, keepdim=True)
-    return Split(feats, torch.arange(n) % len(CLASSES), torch.randn(n, backbone.vision_width, generator=gen),
-                 routing)
+    return Split(torch.arange(n) % len(CLASSES),
+                 {"features": feats, "cls": torch.randn(n, backbone.vision_width, generator=gen), **routing})
 
 
 def test_comm_accounting_for_the_paper_backbone():
     methods = parse_config({"methods": [{"name": "trip"}, {"name": "trip-lite"}, {"name": "promptfl"},
                                         {"name": "zeroshot"},
                                         {"name": "trip", "routing": "learned", "label": "learned"}]}).methods
-    counts = [comm_params(m, text_width=512, vision_width=768) for m in methods]
+    counts = [comm_params(m, text_width=512, vision_width=768, classes=65) for m in methods]
     assert counts == [65_536, 1_024, 8_192, 0, 65_536 + 4 * (768 + 1)]
 
 
 @pytest.mark.parametrize("routing", ["token", "learned", "image-soft"])
 def test_only_the_communicated_tensors_learn(tiny_backbone, routing):
     method = build_method(TripCfg(name="trip", n_ctx=4, routing=routing), tiny_backbone, CLASSES)
-    split = _split(tiny_backbone, routing_specs=method.routing_specs())
+    split = _split(tiny_backbone, routing_specs=method.inputs().routing)
     before = copy.deepcopy(tiny_backbone.model.state_dict())
     init = method.init_params(seed=1)
     update = client_update(method, init, split, TrainCfg(batch_size=4, lr=1e-2), lr=1e-2, seed=0)
@@ -61,7 +61,7 @@ def test_mixture_of_identical_experts_is_that_expert(tiny_backbone):
     trip = build_method(TripCfg(name="trip", n_ctx=3, tie_expert_init=True), tiny_backbone, CLASSES)
     promptfl = build_method(PromptFLCfg(name="promptfl", n_ctx=3), tiny_backbone, CLASSES)
     params = trip.init_params(5)
-    split = _split(tiny_backbone, n=5, routing_specs=trip.routing_specs())
+    split = _split(tiny_backbone, n=5, routing_specs=trip.inputs().routing)
     got = trip.logits(params, split)
     want = promptfl.logits({"ctx": params["experts"][0]}, split)
     assert torch.allclose(got, want, atol=1e-4)
@@ -69,10 +69,10 @@ def test_mixture_of_identical_experts_is_that_expert(tiny_backbone):
 
 def test_mixture_weights_come_from_the_right_router(tiny_backbone):
     trip = build_method(TripCfg(name="trip", n_ctx=1), tiny_backbone, CLASSES)
-    split = _split(tiny_backbone, routing_specs=trip.routing_specs())
+    split = _split(tiny_backbone, routing_specs=trip.inputs().routing)
     assert trip.route_train == RoutingSpec(4, 1.0, 100, 0, "hungarian")
-    assert torch.equal(trip.mixture_weights({}, split, train=True), split.routing[trip.route_train.key()])
-    assert torch.equal(trip.mixture_weights({}, split, train=False), split.routing[trip.route_infer.key()])
+    assert torch.equal(trip.mixture_weights({}, split, train=True), split[trip.route_train.key()])
+    assert torch.equal(trip.mixture_weights({}, split, train=False), split[trip.route_infer.key()])
     uniform = build_method(TripCfg(name="trip", routing="uniform"), tiny_backbone, CLASSES)
     assert torch.allclose(uniform.mixture_weights({}, split, True), torch.full((12, 4), 0.25))
 
@@ -82,7 +82,7 @@ def test_kl_term_pulls_toward_the_teacher(tiny_backbone):
     plain = build_method(cfg, tiny_backbone, CLASSES)
     with_kl = build_method(cfg.model_copy(update={"kl_weight": 1.0}), tiny_backbone, CLASSES)
     params = plain.init_params(0)
-    split = _split(tiny_backbone, routing_specs=plain.routing_specs())
+    split = _split(tiny_backbone, routing_specs=plain.inputs().routing)
     student = plain.logits(params, split)  # eval routing; the loss uses train routing
     assert with_kl.loss(params, split).item() > plain.loss(params, split).item()
     assert student.shape == (12, 3)

@@ -25,11 +25,12 @@ def _split(method, n: int = 6) -> Split:
     bb = method.backbone
     g = torch.Generator().manual_seed(0)
     routing = {}
-    for spec in method.routing_specs():
+    for spec in method.inputs().routing:
         w = torch.rand(n, spec.num_experts, generator=g)
         routing[spec.key()] = w / w.sum(-1, keepdim=True)
     feats = F.normalize(torch.randn(n, bb.model.text_projection.shape[1], generator=g), dim=-1)
-    return Split(feats, torch.arange(n) % len(CLASSES), torch.randn(n, bb.vision_width, generator=g), routing)
+    return Split(torch.arange(n) % len(CLASSES),
+                 {"features": feats, "cls": torch.randn(n, bb.vision_width, generator=g), **routing})
 
 
 def _results(method, split: Split) -> list[torch.Tensor]:

@@ -1,10 +1,8 @@
-"""Tests of trip.routing against the literal official-style oracle in tests/reference_router.py."""
+"""Tests of trip.routing against the literal official-style oracle in trip/reference_router.py."""
 
 from __future__ import annotations
 
 import itertools
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +11,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
+from trip.reference_router import (
+    capacity_constrained_assignment,
+    reference_capacities,
+    reference_kmeans,
+    reference_route,
+    reference_weights,
+)
 from trip.routing import (
     _cdist,
     _greedy_capacity_assign,
@@ -25,15 +30,6 @@ from trip.routing import (
     mixture_weights,
     route,
     static_keys,
-)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_router import (  # noqa: E402
-    capacity_constrained_assignment,
-    reference_capacities,
-    reference_kmeans,
-    reference_route,
-    reference_weights,
 )
 
 _THREADS = max(2, torch.get_num_threads())

@@ -24,7 +24,7 @@ def test_bma_leaves_the_init_its_share():
     bma = BMA(init, rounds=15)
     for r in range(15):
         bma.update({"e": torch.ones(3)}, r)
-    # the BMA is init_share·0 + (1 − init_share)·1, so the init keeps 17.9 % of the mass (spec §6.2)
+    # the BMA is init_share·0 + (1 − init_share)·1, so the init keeps 17.9 % of the mass (docs/method.md §6.2)
     assert 1 - bma.params["e"][0].item() == pytest.approx(0.179, abs=1e-3)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trip import routing, viz
+from trip import expert_usage, routing, viz
 from trip.cli import main
 from trip.config import TripCfg, dump_config, parse_config
 from trip.data.datasets import get_dataset
@@ -38,7 +38,7 @@ def finished(tmp_path_factory) -> dict:
                ["photo", "sketch"], 2)
     run_experiment(cfg, root / "run-a")
     workspace = prepare(cfg)
-    viz.write_expert_usage(workspace, root / "run-a")
+    expert_usage.write(workspace, root / "run-a")
     figures = viz.write_run_figures(root / "run-a")
     other = _cfg("other", [{"name": "zeroshot", "templates": "single"}, {"name": "trip-lite", "teacher": "single"}],
                  ["photo"], 1)
@@ -67,7 +67,7 @@ def test_run_figures_decode_and_are_not_blank(finished):
 
 
 def test_expert_usage_sums_to_one_per_domain(finished):
-    usage = json.loads((finished["root"] / "run-a" / viz.EXPERT_USAGE_FILE).read_text())
+    usage = json.loads((finished["root"] / "run-a" / expert_usage.EXPERT_USAGE_FILE).read_text())
     assert list(usage["methods"]) == ["trip"]  # promptfl does not route
     trip = usage["methods"]["trip"]
     assert trip["phases"]["train"]["capacity"] == 1.0 and trip["phases"]["infer"]["capacity"] == 2.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,22 +16,10 @@ from torchvision import transforms
 
 from trip.config import BackboneCfg
 from trip.errors import TripError
+from trip.paths import cache_dir
+from trip.pretrain import pretrained_tiny_clip
+from trip.tinyclip import CLIP_MEAN, CLIP_STD, new_tiny_clip
 from trip.weights import cached_pretrained, download_host, load_weights
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# A test-sized CLIP: 32 px images in 4 px patches (an 8x8 token grid plus CLS), 2-layer towers.
-TINY_CFG = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 64, "layers": 2, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
-
-def cache_dir() -> Path:
-    """Where trip keeps what it computes once (pretrained tiny CLIP, frozen features, synthetic data)."""
-    return Path(os.environ.get("TRIP_CACHE", Path.home() / ".cache" / "trip"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,7 +62,7 @@ class Backbone:
         return float(self.model.logit_scale.exp())
 
     def transform(self) -> transforms.Compose:
-        """The CLIP test transform (spec §1.3), used for every split: no augmentation."""
+        """The CLIP test transform (docs/method.md §1.3), used for every split: no augmentation."""
         return clip_transform(self.image_size)
 
     @torch.no_grad()
@@ -89,6 +76,17 @@ class Backbone:
             if visual.proj is not None:
                 pooled = pooled @ visual.proj
         return pooled.float(), tokens.float()
+
+    @torch.no_grad()
+    def project_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, grid², E] patch tokens after ln_post and the projection (CLS dropped), from `encode_images`'
+        residual tokens: the image side of FedOTP's transport."""
+        visual = self.model.visual
+        with autocast(self.device):
+            patches = visual.ln_post(tokens[:, 1:])
+            if visual.proj is not None:
+                patches = patches @ visual.proj
+        return patches.float()
 
 
 def clip_transform(size: int) -> transforms.Compose:
@@ -115,18 +113,10 @@ def load_backbone(cfg: BackboneCfg, device: torch.device) -> Backbone:
     return Backbone(model, tokenizer, identity, device)
 
 
-def new_tiny_clip() -> open_clip.model.CLIP:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)  # random weights that are the same every time (a stable cache identity)
-        return open_clip.model.CLIP(**TINY_CFG, quick_gelu=True)
-
-
 def _tiny(cfg: BackboneCfg) -> tuple[open_clip.model.CLIP, str]:
     if cfg.pretrained is None:
         return new_tiny_clip(), "tiny:random"
     if cfg.pretrained == "synthetic":
-        from trip.pretrain import pretrained_tiny_clip
-
         return pretrained_tiny_clip()
     path = Path(cfg.pretrained).expanduser()
     if not path.is_file():

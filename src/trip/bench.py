@@ -1,4 +1,4 @@
-"""`trip bench`: the fast paths against the official-style ones, as ratios measured in one run (spec §10).
+"""`trip bench`: the fast paths against the official-style ones, as ratios measured in one run (docs/method.md §10).
 
 Each measurement holds the images/s of the fast and of the naive path and ``ratio = fast / naive``:
 
@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from unittest import mock
 
 import open_clip
 import torch
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trip import routing
-from trip.backbone import Backbone, autocast, new_tiny_clip
+from trip.backbone import Backbone, autocast
 from trip.config import TripCfg
 from trip.data.benchmarks import DOMAINNET_CLASSES, OFFICE_HOME_CLASSES
 from trip.errors import TripError
@@ -41,10 +40,11 @@ from trip.methods.base import Split
 from trip.methods.trip import Trip, distillation_loss
 from trip.reference_router import reference_route
 from trip.textenc import PromptTokens, encode_prompts, encode_prompts_naive
+from trip.tinyclip import new_tiny_clip
 
 SEED = 0
 CAPACITY_FACTOR = 1.0
-# Office-Home domain sizes (spec §1.1), for the wall-clock estimate of a leave-one-out table.
+# Office-Home domain sizes (docs/method.md §1.1), for the wall-clock estimate of a leave-one-out table.
 OFFICE_HOME_SIZES = {"Art": 2427, "Clipart": 4365, "Product": 4439, "Real_World": 4357}
 TABLE_ROUNDS = 15
 TRAIN_FRACTION = 0.8
@@ -174,7 +174,7 @@ def _backbone(model_name: str, device: torch.device) -> Backbone:
     return Backbone(model, open_clip.get_tokenizer("ViT-B-16"), f"{model_name}:random", device)
 
 
-def _random_teacher(backbone: Backbone, class_names: tuple[str, ...], templates: str) -> Tensor:
+def _random_teacher(backbone: Backbone, class_names: tuple[str, ...]) -> Tensor:
     """Stands in for the zero-shot teacher, whose 60-template text pass is not what is measured."""
     g = torch.Generator().manual_seed(SEED)
     dim = backbone.model.text_projection.shape[-1]
@@ -183,8 +183,7 @@ def _random_teacher(backbone: Backbone, class_names: tuple[str, ...], templates:
 
 def _trip(backbone: Backbone, s: Settings, names: tuple[str, ...]) -> Trip:
     cfg = TripCfg(name="trip", num_experts=s.experts, n_ctx=s.n_ctx, teacher="single")
-    with mock.patch("trip.methods.trip.zeroshot_weights", _random_teacher):
-        return Trip(cfg, backbone, names)
+    return Trip(cfg, backbone, names, teacher=_random_teacher(backbone, names))
 
 
 def _batch(method: Trip, batch: int, classes: int) -> Split:
@@ -194,11 +193,11 @@ def _batch(method: Trip, batch: int, classes: int) -> Split:
     weights = torch.rand(batch, method.cfg.num_experts, generator=g)
     weights = weights / weights.sum(1, keepdim=True)  # [B, M]
     dim = bb.model.text_projection.shape[-1]
-    split = Split(features=F.normalize(torch.randn(batch, dim, generator=g), dim=-1),
-                  labels=torch.randint(classes, (batch,), generator=g),
-                  cls=torch.randn(batch, bb.vision_width, generator=g),
-                  routing={spec.key(): weights for spec in method.routing_specs()})
-    return split.to(bb.device)
+    features = F.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    labels = torch.randint(classes, (batch,), generator=g)
+    cls = torch.randn(batch, bb.vision_width, generator=g)
+    inputs = {"features": features, "cls": cls, **{spec.key(): weights for spec in method.inputs().routing}}
+    return Split(labels.to(bb.device), {k: v.to(bb.device) for k, v in inputs.items()})
 
 
 def _naive_logits(method: Trip, params: dict[str, Tensor], feats: Tensor, weights: Tensor,
@@ -250,7 +249,7 @@ def measure_steps(backbone: Backbone, s: Settings, dataset: str, vit_s: float) -
     num_classes = len(CLASS_NAMES[dataset])
     method = _trip(backbone, s, CLASS_NAMES[dataset])
     batch = _batch(method, s.batch, num_classes)
-    weights = batch.routing[method.route_train.key()]
+    weights = batch[method.route_train.key()]
     params = {k: v.clone().requires_grad_(True) for k, v in method.init_params(SEED).items()}
     opt = torch.optim.AdamW(params.values(), lr=5e-4, betas=(0.9, 0.98), eps=1e-7, weight_decay=0.01)
     k = min(num_classes, s.naive_classes or num_classes)

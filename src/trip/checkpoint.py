@@ -1,14 +1,14 @@
-"""Per-round checkpoints of one federated run: everything needed to continue it exactly, in safetensors
-(tensors) plus JSON (round, BMA weight sum, the per-round history), checksummed and written atomically
-(`trip.safefile`); the last two are kept, so a file cut short by a crash or a full disk leaves the previous
-one valid. Nothing is ever unpickled."""
+"""Per-round checkpoints of one federated run: everything needed to continue it exactly (the global and BMA
+tensors, and each client's private tensors), in safetensors (tensors) plus JSON (round, BMA weight sum, the
+per-round history), checksummed and written atomically (`trip.safefile`); the last two are kept, so a file cut
+short by a crash or a full disk leaves the previous one valid. Nothing is ever unpickled."""
 
 from __future__ import annotations
 
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ class FederationState:
     bma_params: dict[str, torch.Tensor] | None
     bma_total: float
     history: list[dict]
+    privates: list[dict[str, torch.Tensor]] = field(default_factory=list)  # each client's, in client order
 
 
 def run_key(method: str, target: str, seed: int) -> str:
@@ -45,8 +46,10 @@ class RunCheckpoints:
         tensors = {f"server.{k}": v.detach().cpu().contiguous() for k, v in state.params.items()}
         if state.bma_params is not None:
             tensors |= {f"bma.{k}": v.detach().cpu().contiguous() for k, v in state.bma_params.items()}
+        for i, private in enumerate(state.privates):
+            tensors |= {f"private{i}.{k}": v.detach().cpu().contiguous() for k, v in private.items()}
         meta = {"next_round": str(state.next_round), "bma_total": repr(state.bma_total),
-                "history": json.dumps(state.history)}
+                "history": json.dumps(state.history), "clients": str(len(state.privates))}
         path = self.folder / f"round-{state.next_round - 1:04d}.safetensors"
         try:
             safefile.write_tensors(path, tensors, meta)
@@ -72,9 +75,11 @@ class RunCheckpoints:
 
 def _load(path: Path) -> FederationState:
     tensors, meta = safefile.read_tensors(path)
-    split = {"server": {}, "bma": {}}
+    clients = int(meta.get("clients", "0"))
+    split = {"server": {}, "bma": {}, **{f"private{i}": {} for i in range(clients)}}
     for name, value in tensors.items():
         kind, _, key = name.partition(".")
         split[kind][key] = value
     return FederationState(int(meta["next_round"]), split["server"], split["bma"] or None,
-                           float(meta["bma_total"]), json.loads(meta["history"]))
+                           float(meta["bma_total"]), json.loads(meta["history"]),
+                           [split[f"private{i}"] for i in range(clients)])

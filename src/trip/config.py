@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -51,7 +54,7 @@ class TrainCfg(_Strict):
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-4, gt=0)
-    lr_decay: float = Field(0.8, gt=0, le=1)  # round r trains with lr * lr_decay**r (spec §1.6 `gamma`)
+    lr_decay: float = Field(0.8, gt=0, le=1)  # round r trains with lr * lr_decay**r (docs/method.md §1.6 `gamma`)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-7, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -64,11 +67,22 @@ class OptimizerCfg(_Strict):
     """A method's own optimizer. Unset fields fall back to `train`'s; its lr follows train's per-round
     schedule (round r trains with lr * train.lr_decay**r)."""
 
-    name: Literal["adamw", "adam"] = "adamw"  # adam: L2 weight decay added to the gradient (torch.optim.Adam)
+    # adam: L2 weight decay added to the gradient (torch.optim.Adam); sgd: torch.optim.SGD with momentum
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float | None = Field(None, gt=0)
-    betas: tuple[float, float] | None = None
-    eps: float | None = Field(None, gt=0)
+    betas: tuple[float, float] | None = None  # adam/adamw only
+    eps: float | None = Field(None, gt=0)  # adam/adamw only
     weight_decay: float | None = Field(None, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
+
+    @model_validator(mode="after")
+    def _fields_of_its_kind(self) -> OptimizerCfg:
+        if self.name == "sgd" and (self.betas is not None or self.eps is not None):
+            raise ValueError("optimizer sgd takes no betas or eps: remove them, or choose adam/adamw")
+        if self.name != "sgd" and self.momentum:
+            raise ValueError(f"optimizer {self.name} takes no momentum (its betas play that part): remove it, "
+                             f"or choose sgd")
+        return self
 
 
 class ZeroShotCfg(_Strict):
@@ -85,7 +99,7 @@ class PromptFLCfg(_Strict):
 
 
 class TripCfg(_Strict):
-    """TRIP, TRIP-Lite and their ablations (spec §2–§6, §7.2)."""
+    """TRIP, TRIP-Lite and their ablations (docs/method.md §2–§6, §7.2)."""
 
     name: Literal["trip", "trip-lite"]
     label: str | None = None
@@ -102,7 +116,7 @@ class TripCfg(_Strict):
     kmeans_iters: int = Field(100, ge=1)
     key_seed: int = 0
     image_temperature: float = Field(0.1, gt=0)
-    tie_expert_init: bool = False  # True reproduces the official identical init (spec B1)
+    tie_expert_init: bool = False  # True reproduces the official identical init (docs/reproduce.md B1)
     bma: bool = True
     bma_beta: float = Field(0.2, gt=0)
     bma_include_init: bool = True
@@ -116,12 +130,12 @@ class TripCfg(_Strict):
         return data
 
 
-# FedCLIP's own optimizer (its code's defaults, spec §7.2).
+# FedCLIP's own optimizer (its code's defaults, docs/method.md §7.2).
 FEDCLIP_OPTIMIZER = {"name": "adam", "lr": 5e-5, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.2}
 
 
 class FedCLIPCfg(_Strict):
-    """FedCLIP (spec §7.2): an attention adapter on the frozen image feature, FedAvg'd."""
+    """FedCLIP (docs/method.md §7.2): an attention adapter on the frozen image feature, FedAvg'd."""
 
     name: Literal["fedclip"]
     label: str | None = None
@@ -136,7 +150,14 @@ class FedCLIPCfg(_Strict):
         return data
 
 
-MethodCfg = Annotated[ZeroShotCfg | PromptFLCfg | TripCfg | FedCLIPCfg, Field(discriminator="name")]
+_METHOD_CFGS: list[type[BaseModel]] = [ZeroShotCfg, PromptFLCfg, TripCfg, FedCLIPCfg]
+
+
+def _method_union() -> Any:
+    return Annotated[Union[tuple(_METHOD_CFGS)], Field(discriminator="name")]  # noqa: UP007 (a runtime tuple)
+
+
+MethodCfg = _method_union()
 
 
 class ExperimentCfg(_Strict):
@@ -173,11 +194,33 @@ def _refuse_repeats(values: list, what: str, why: str) -> None:
         raise ValueError(f"{what} {', '.join(map(str, repeated))} is listed more than once ({why}): list each once")
 
 
-def method_label(method: ZeroShotCfg | PromptFLCfg | TripCfg | FedCLIPCfg) -> str:
+def add_method_config(cfg_cls: type[BaseModel]) -> None:
+    """Makes a method config defined outside this module (a plugin's, a test's) valid in `methods`. Methods of
+    the package are listed in `_METHOD_CFGS` instead; `trip.methods.register` calls this."""
+    if cfg_cls in _METHOD_CFGS:
+        return
+    _METHOD_CFGS.append(cfg_cls)
+    ExperimentCfg.model_fields["methods"].annotation = list[_method_union()]
+    ExperimentCfg.model_rebuild(force=True)
+
+
+def load_plugins() -> None:
+    """Imports the modules named in $TRIP_PLUGINS (comma-separated), which register their methods: every process
+    of a run (Flower SuperNodes, ServerApps) parses the same configs this way."""
+    for name in filter(None, (m.strip() for m in os.environ.get("TRIP_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise TripError(f"TRIP_PLUGINS names {name!r}, which cannot be imported ({err}): fix PYTHONPATH or "
+                            f"the variable") from None
+
+
+def method_label(method: Any) -> str:
     return method.label or method.name
 
 
 def parse_config(raw: dict[str, Any], source: str = "config") -> ExperimentCfg:
+    load_plugins()
     try:
         return ExperimentCfg.model_validate(raw)
     except ValidationError as err:
@@ -199,7 +242,7 @@ def _explain(err: ValidationError) -> str:
 
 
 def _is_union_tag(part: Any) -> bool:
-    return part in ("zeroshot", "promptfl", "trip", "trip-lite", "fedclip")
+    return any(part in typing.get_args(c.model_fields["name"].annotation) for c in _METHOD_CFGS)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentCfg:

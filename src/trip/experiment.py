@@ -3,130 +3,24 @@ one run folder (config.yaml, rounds.jsonl, results.json, summary.md)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from trip import results
-from trip.backbone import Backbone, cache_dir, load_backbone, resolve_device
+from trip import expert_usage, results
 from trip.checkpoint import RunCheckpoints, run_key
 from trip.config import ExperimentCfg, dump_config
-from trip.data.datasets import DatasetSpec, dataset_root, get_dataset
-from trip.data.folder import Domain, split_indices
-from trip.data.loading import load_domains
 from trip.errors import TripError
-from trip.features import DomainFeatures, FrozenStore
-from trip.federation.inprocess import Client, FederationResult, RoundLogger, run_federation, select_round
-from trip.methods import build_method
-from trip.methods.base import Method, Split
+from trip.federation.inprocess import FederationResult, RoundLogger, run_federation
+from trip.federation.rounds import select_round, selection_model
+from trip.methods.base import Method
 from trip.run_lock import LOCK_FILE, run_folder_lock
-
-
-@dataclass
-class Workspace:
-    """What every run of an experiment shares: the backbone, the domains and their frozen features."""
-
-    cfg: ExperimentCfg
-    backbone: Backbone
-    dataset: DatasetSpec
-    domains: dict[str, Domain]
-    frozen: dict[str, DomainFeatures]
-    methods: list[Method]
-    skipped_images: dict[str, int] = field(default_factory=dict)  # unreadable images left out, per domain
-
-    def split(self, domain: str, index) -> Split:
-        f = self.frozen[domain]
-        idx = torch.as_tensor(index, dtype=torch.int64)
-        dev = self.backbone.device
-        return Split(F.normalize(f.features[idx], dim=-1).to(dev),
-                     torch.as_tensor(self.domains[domain].labels[index]).to(dev),
-                     f.cls[idx].to(dev), {k: v[idx].to(dev) for k, v in f.routing.items()},
-                     f.features[idx].norm(dim=-1).to(dev))
-
-    def clients(self, target: str, seed: int) -> list[Client]:
-        return [self.client(name, seed) for name in self.dataset.domains if name != target]
-
-    def client(self, name: str, seed: int) -> Client:
-        held = len(self.domains[name])
-        train_idx, val_idx = split_indices(held, self.cfg.data.val_fraction, seed)
-        weight = held if self.cfg.train.fedavg_weight == "images" else len(train_idx)
-        return Client(name, self.split(name, train_idx), self.split(name, val_idx), weight)
-
-    def target(self, name: str) -> Split:
-        return self.split(name, list(range(len(self.domains[name]))))
-
-
-def targets_of(cfg: ExperimentCfg, spec: DatasetSpec) -> list[str]:
-    if cfg.data.targets == "all":
-        return list(spec.domains)
-    unknown = [t for t in cfg.data.targets if t not in spec.domains]
-    if unknown:
-        raise TripError(f"data.targets: {unknown} are not domains of {spec.name} ({', '.join(spec.domains)})")
-    return list(cfg.data.targets)
-
-
-def prepare(cfg: ExperimentCfg, only: list[str] | None = None) -> Workspace:
-    """`only`: load just these domains (a Flower SuperNode holds one; a ServerApp may need none)."""
-    spec = get_dataset(cfg.data.name)
-    targets_of(cfg, spec)
-    names = [d for d in spec.domains if only is None or d in only]
-    root = dataset_root(spec, cfg.data.root, cfg.data.images_per_class, seed=0) if names else None
-    data = load_domains(spec, root, cfg.data, names)  # refuses unreadable images unless data.skip_bad_images
-    spec, domains = data.spec, data.domains
-    problems = split_problems(cfg, spec, {d: len(dom) for d, dom in domains.items()})
-    if problems:
-        raise TripError("\n  ".join(["a domain's split is empty, so the runs cannot train or select a round:",
-                                        *problems]))
-    device = resolve_device(cfg.device)
-    backbone = load_backbone(cfg.backbone, device)
-    methods = [build_method(m, backbone, spec.classes) for m in cfg.methods]
-    needed = list(dict.fromkeys(s for m in methods for s in m.routing_specs()))
-    store = FrozenStore(backbone, cache_dir())
-    frozen = {d: store.load(spec.name, dom, needed) for d, dom in domains.items()}
-    return Workspace(cfg, backbone, spec, domains, frozen, methods, data.skipped_counts())
-
-
-def split_problems(cfg: ExperimentCfg, spec: DatasetSpec, sizes: dict[str, int]) -> list[str]:
-    """What makes a run meaningless before it starts: a domain with no images, or a source domain (a client of
-    some run) whose train or validation split is empty. `sizes`: images per domain, as the runs would use them."""
-    targets = targets_of(cfg, spec)
-    vf = cfg.data.val_fraction
-    problems: dict[str, list[str]] = {}  # problem -> the domains that have it
-    for domain, n in sizes.items():
-        train, val = (len(part) for part in split_indices(n, vf, seed=0))  # the sizes do not depend on the seed
-        if n == 0:
-            problems.setdefault("no images left to use", []).append(domain)
-        elif (not train or not val) and any(t != domain for t in targets):
-            empty = "train split is empty: a client with nothing to train on" if not train else \
-                "validation split is empty: no validation accuracy to select a round by"
-            problems.setdefault(f"{n} images split into {train} train / {val} validation (data.val_fraction {vf}); "
-                                f"the {empty}. {_more_images(cfg, spec, n)}", []).append(domain)
-    return [f"{', '.join(domains)}: {problem}" for problem, domains in problems.items()]
-
-
-def _more_images(cfg: ExperimentCfg, spec: DatasetSpec, n: int) -> str:
-    """The settings that give every split at least one image."""
-    vf = cfg.data.val_fraction
-    # The smallest domain split_indices gives an image in each part: int(m·(1−vf)) ≥ 1 and int(m·vf) ≥ 1.
-    need = next(m for m in itertools.count(max(1, int(1 / min(vf, 1 - vf)) - 1))
-                if int(m * (1 - vf)) >= 1 and int(m * vf) >= 1)
-    limit = cfg.data.max_images_per_domain
-    if limit is not None and limit < need:
-        fix = f"Set data.max_images_per_domain to at least {need}"
-    elif spec.name == "synthetic":
-        fix = f"Set data.images_per_class to at least {-(-need // len(spec.classes))}"
-    else:
-        fix = f"The domain needs at least {need} images (it has {n})"
-    return f"{fix}, or change data.val_fraction."
-
+from trip.workspace import Workspace, prepare, targets_of
 
 CONFIG_TMP = "config.yaml.tmp"  # a start killed while writing config.yaml may leave it; it is no content
 
@@ -171,9 +65,9 @@ def _run_all(ws: Workspace, out: Path, runs: list[dict], federate: Federate) -> 
                         runs.append(_run_one(ws, method, target, seed, rounds_file, federate))
                         results.write_results(out, cfg, runs, skipped_images=ws.skipped_images)
     results.write_summary(out, cfg, runs)
+    expert_usage.write(ws, out)  # before the figures: they read it
     from trip import viz  # matplotlib: imported only where figures are drawn (not in Flower workers)
 
-    viz.write_expert_usage(ws, out)  # before the figures: they read it
     viz.write_run_figures(out)
     return runs
 
@@ -282,9 +176,10 @@ def _run_one(ws: Workspace, method: Method, target: str, seed: int, rounds_file,
     start = time.perf_counter()
     result = federate(method, target, seed, log)
     bar.close()
-    chosen = select_round(result.history, "bma" if method.uses_bma else "server")
+    chosen = select_round(result.history, selection_model(method))
     return {**key, **chosen, "comm_params_per_round": method.comm_params,
-            "comm_bytes_per_round": 4 * method.comm_params, "rounds": len(result.history),
+            "comm_bytes_per_round": 4 * method.comm_params, "comm_upload_once_params": method.upload_params,
+            "rounds": len(result.history),
             "clients": sources, "time_s": round(time.perf_counter() - start, 2),
             "method_name": method.cfg.name}
 

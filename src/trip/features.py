@@ -1,5 +1,6 @@
-"""The frozen path, computed once per image and cached (spec §10.2): image features, the CLS token of
-the final block, and the router's mixture weights for every routing setting a run needs.
+"""The frozen path, computed once per image and cached: image features, and what the experiment's methods
+declare (`Inputs`): the CLS token of the final block, the router's mixture weights for every routing setting,
+the patch tokens (a memory-mapped file of their own, `trip.patchcache`).
 
 With no augmentation every image maps to one fixed tensor, so this is exact. A cache file is named by the
 backbone's identity, the preprocessing version and the SHA-256 of the domain's sorted relative image paths;
@@ -9,6 +10,7 @@ half-used."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +26,7 @@ from trip import routing, safefile
 from trip.backbone import Backbone, load_image
 from trip.data.folder import Domain
 from trip.errors import TripError
+from trip.patchcache import PatchFile, RawWriter
 
 
 @dataclass(frozen=True)
@@ -41,11 +44,27 @@ class RoutingSpec:
         return "route-" + hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """The frozen inputs a method reads per image, besides its image feature and label (always there). The store
+    computes and caches exactly the union of what the experiment's methods declare."""
+
+    norms: bool = False  # [n] the image feature's norm before normalisation
+    cls: bool = False  # [n, Dv] final-block CLS token, before ln_post
+    patches: bool = False  # [n, grid², E] patch tokens after ln_post and the projection (CLS dropped), on disk
+    routing: tuple[RoutingSpec, ...] = ()  # [n, M] mixture weights of each spec
+
+    def __or__(self, other: Inputs) -> Inputs:
+        return Inputs(self.norms or other.norms, self.cls or other.cls, self.patches or other.patches,
+                      tuple(dict.fromkeys(self.routing + other.routing)))
+
+
 @dataclass
 class DomainFeatures:
     features: torch.Tensor  # [L, E] image features, unnormalised
-    cls: torch.Tensor  # [L, Dv] final-block CLS token (before ln_post)
+    cls: torch.Tensor | None  # [L, Dv] final-block CLS token (before ln_post), where declared
     routing: dict[str, torch.Tensor]  # RoutingSpec.key() -> [L, M] mixture weights
+    patches: PatchFile | None = None  # [L, grid², E] on disk, where declared
 
 
 # Part of every cache key: bumped whenever the pixels or the router's draws of an image change
@@ -81,40 +100,60 @@ class FrozenStore:
         self.folder = cache_root / "frozen" / ident
         self.batch_size = batch_size
 
-    def load(self, dataset: str, domain: Domain, specs: list[RoutingSpec]) -> DomainFeatures:
+    def load(self, dataset: str, domain: Domain, inputs: Inputs) -> DomainFeatures:
         digest = paths_digest(domain.paths)
         path = self.folder / dataset / f"{domain.name}-{digest[:16]}.safetensors"
         meta = {"paths_sha256": digest, "images_sha256": images_digest(domain), "count": str(len(domain))}
-        cached = _read(path, meta, domain.name)
-        wanted = {s.key(): s for s in specs}
-        if cached is not None and all(k in cached for k in wanted):
-            return _unpack(cached, wanted)
-        fresh = self._compute(domain, list(wanted.values()))
-        if cached is not None:  # keep routing settings computed earlier for other runs
-            fresh = {**cached, **fresh}
-        safefile.write_tensors(path, fresh, meta)
-        return _unpack(fresh, wanted)
+        cached = _read(path, meta, domain.name) or {}
+        wanted = {s.key(): s for s in inputs.routing}
+        names = ["features", *(["cls"] if inputs.cls else []), *wanted]
+        patch_path = path.with_suffix(".patches")
+
+        def rebuild() -> None:
+            self._compute(domain, [], False, patch_path, meta)
+
+        patches = PatchFile.open(patch_path, meta, rebuild) if inputs.patches else None
+        missing = [n for n in names if n not in cached]
+        build_patches = inputs.patches and patches is None
+        if missing or build_patches:
+            fresh = self._compute(domain, [wanted[k] for k in missing if k in wanted], "cls" in missing,
+                                  patch_path if build_patches else None, meta)
+            if missing:
+                cached = {**cached, **fresh}  # keeps what earlier runs computed for other inputs
+                safefile.write_tensors(path, cached, meta)
+            if build_patches:
+                patches = PatchFile.open(patch_path, meta, rebuild)
+        return DomainFeatures(cached["features"], cached.get("cls") if inputs.cls else None,
+                              {k: cached[k] for k in wanted}, patches)
 
     @torch.no_grad()
-    def _compute(self, domain: Domain, specs: list[RoutingSpec]) -> dict[str, torch.Tensor]:
+    def _compute(self, domain: Domain, specs: list[RoutingSpec], cls: bool, patch_path: Path | None,
+                 meta: dict[str, str]) -> dict[str, torch.Tensor]:
+        """Features, and the CLS tokens, routing weights and patch tokens asked for, in one pass over the images.
+        Patch tokens go batch by batch to a raw fp16 file (never whole in RAM)."""
         keys = {s.key(): routing.static_keys(s.num_experts, self.backbone.vision_width, s.key_seed) for s in specs}
         ids = torch.tensor([image_id(p) for p in domain.paths], dtype=torch.int64)
-        out: dict[str, list[torch.Tensor]] = {"features": [], "cls": [], **{k: [] for k in keys}}
+        out: dict[str, list[torch.Tensor]] = {"features": [], **({"cls": []} if cls else {}), **{k: [] for k in keys}}
         loader = DataLoader(_Images(domain, self.backbone.transform()), batch_size=self.batch_size,
                             num_workers=_workers(len(domain)))
+        raw = RawWriter(patch_path, meta) if patch_path is not None else contextlib.nullcontext()
         start = 0
-        for pixels in tqdm(loader, desc=f"frozen features {domain.name}", leave=False):
-            feats, tokens = self.backbone.encode_images(pixels)
-            batch_ids = ids[start:start + len(pixels)]
-            start += len(pixels)
-            out["features"].append(feats.cpu())
-            out["cls"].append(tokens[:, 0].cpu())
-            for spec in specs:
-                k = spec.key()
-                w = routing.route(tokens, keys[k].to(tokens.device), spec.capacity, image_ids=batch_ids,
-                                  seed=spec.key_seed, run=spec.run, assignment=spec.assignment,
-                                  max_iters=spec.iters)
-                out[k].append(w.float().cpu())
+        with raw:
+            for pixels in tqdm(loader, desc=f"frozen features {domain.name}", leave=False):
+                feats, tokens = self.backbone.encode_images(pixels)
+                batch_ids = ids[start:start + len(pixels)]
+                start += len(pixels)
+                out["features"].append(feats.cpu())
+                if cls:
+                    out["cls"].append(tokens[:, 0].cpu())
+                if patch_path is not None:
+                    raw.write(self.backbone.project_patches(tokens))
+                for spec in specs:
+                    k = spec.key()
+                    w = routing.route(tokens, keys[k].to(tokens.device), spec.capacity, image_ids=batch_ids,
+                                      seed=spec.key_seed, run=spec.run, assignment=spec.assignment,
+                                      max_iters=spec.iters)
+                    out[k].append(w.float().cpu())
         return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -159,12 +198,8 @@ def _read(path: Path, meta: dict[str, str], domain: str) -> dict[str, torch.Tens
 
 
 def _check_shapes(tensors: dict[str, torch.Tensor], count: int) -> None:
-    if "features" not in tensors or "cls" not in tensors:
-        raise safefile.BadFile("features or cls missing")
+    if "features" not in tensors:
+        raise safefile.BadFile("features missing")
     for name, t in tensors.items():
         if t.dim() != 2 or len(t) != count:
             raise safefile.BadFile(f"{name} has shape {tuple(t.shape)}, expected {count} rows")
-
-
-def _unpack(tensors: dict[str, torch.Tensor], wanted: dict[str, RoutingSpec]) -> DomainFeatures:
-    return DomainFeatures(tensors["features"], tensors["cls"], {k: tensors[k] for k in wanted})

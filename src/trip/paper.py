@@ -1,10 +1,10 @@
 """Published numbers to compare our runs with: top-1 accuracy (%) per held-out domain and the average,
 keyed by (data set, method label). Only Office-Home is published in the official repository (its README,
-a copy of the paper's table; spec §9.1): CLIP ViT-B/16, leave-one-domain-out, one run per cell."""
+a copy of the paper's table; docs/method.md §9.1): CLIP ViT-B/16, leave-one-domain-out, one run per cell."""
 
 from __future__ import annotations
 
-SOURCE = "TRIP paper (arXiv 2504.21063), Office-Home table as in the official README (spec §9.1)"
+SOURCE = "TRIP paper (arXiv 2504.21063), Office-Home table as in the official README (docs/method.md §9.1)"
 
 _OFFICEHOME_DOMAINS = ("Art", "Clipart", "Product", "Real_World")
 _OFFICEHOME = {  # method: (Art, Clipart, Product, Real_World, avg)

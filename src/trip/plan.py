@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import open_clip
 
-from trip.backbone import TINY_CFG
 from trip.config import BackboneCfg, ExperimentCfg, method_label
 from trip.data.datasets import DatasetSpec, dataset_root, get_dataset
 from trip.data.folder import Domain, split_indices, subsample
 from trip.data.loading import scan_domains
 from trip.errors import TripError
-from trip.experiment import split_problems, targets_of
-from trip.methods import comm_params
+from trip.methods import comm_params, upload_params
 from trip.results import text_table
+from trip.tinyclip import TINY_CFG
+from trip.workspace import split_problems, targets_of
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -41,6 +41,7 @@ class Plan:
     widths: tuple[int, int]  # (text, vision)
     params: dict[str, int]  # method label -> parameters one client sends per round
     warnings: list[str]
+    uploads: dict[str, int]  # method label -> parameters one client uploads once, for the target prediction
 
     @property
     def runs(self) -> int:
@@ -57,8 +58,9 @@ def make_plan(cfg: ExperimentCfg) -> Plan:
     warnings += [f"{d}: {n} of {len(spec.classes)} classes have no images" for d, lab in labels.items()
                  if (n := int((np.bincount(lab, minlength=len(spec.classes)) == 0).sum()))]
     warnings += split_problems(cfg, spec, {d: p.images for d, p in domains.items()})
-    params = {method_label(m): comm_params(m, *widths) for m in cfg.methods}
-    return Plan(cfg, spec, where, domains, targets, weights, widths, params, warnings)
+    params = {method_label(m): comm_params(m, *widths, len(spec.classes)) for m in cfg.methods}
+    uploads = {method_label(m): upload_params(m, *widths, len(spec.classes)) for m in cfg.methods}
+    return Plan(cfg, spec, where, domains, targets, weights, widths, params, warnings, uploads)
 
 
 def backbone_widths(cfg: BackboneCfg) -> tuple[int, int]:
@@ -113,7 +115,7 @@ def format_plan(plan: Plan) -> str:
     cfg, spec = plan.cfg, plan.dataset
     t = cfg.train
     domains = [[d, f"{p.images:,}", f"{p.train:,}", f"{p.val:,}"] for d, p in plan.domains.items()]
-    methods = [[label, f"{n:,}", f"{4 * n:,}"] for label, n in plan.params.items()]
+    methods = [[label, f"{n:,}", f"{4 * n:,}", f"{plan.uploads[label]:,}"] for label, n in plan.params.items()]
     lines = [
         f"Dry run of '{cfg.name}': the config is valid and the data checks passed; nothing was trained.",
         "",
@@ -129,8 +131,9 @@ def format_plan(plan: Plan) -> str:
         "",
         _held_out_table(plan),
         "",
-        _indent(text_table(["method", "params/round", "bytes/round (fp32)"], methods)),
-        "  (sent by each client per round, and received back from the server)",
+        _indent(text_table(["method", "params/round", "bytes/round (fp32)", "params once"], methods)),
+        "  (sent by each client per round, and received back from the server; \"once\": uploaded by each client",
+        "  once, at the end, for the prediction on the held-out domain)",
     ]
     if plan.warnings:
         lines += ["", "warnings", *(f"  - {w}" for w in plan.warnings)]

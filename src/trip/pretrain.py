@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from trip import safefile
-from trip.backbone import CLIP_MEAN, CLIP_STD, TINY_CFG, cache_dir, new_tiny_clip
 from trip.data import synthetic
+from trip.paths import cache_dir
+from trip.tinyclip import CLIP_MEAN, CLIP_STD, TINY_CFG, new_tiny_clip
 
 # version 3: the same weights as 2, in a checksummed file (a version-2 file has no checksum to verify)
 PRETRAIN = {"version": 3, "images": 2400, "steps": 600, "groups": 16, "lr": 4e-3, "seed": 0}

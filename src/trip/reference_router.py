@@ -1,4 +1,4 @@
-"""Naive, literal, one-image-at-a-time transcription of the official TRIP router (spec §3.3-§3.4).
+"""Naive, literal, one-image-at-a-time transcription of the official TRIP router (docs/method.md §3.3-§3.4).
 
 Per-token and per-cluster Python loops on tensors (on the tokens' device), as in the official
 generate_weights_multi.py. It is the oracle of tests/test_routing.py for trip.routing and the

@@ -1,4 +1,4 @@
-"""Parameter-free token-level router of TRIP (spec §3): capacity k-means + Hungarian matching to static keys.
+"""Parameter-free token-level router of TRIP (docs/method.md §3): capacity k-means + Hungarian matching to static keys.
 
 Everything is batched over images ([B, N, D] tokens) and runs on CPU or GPU. Each image's result depends
 only on its own tokens and init indices, never on the rest of the batch: bit for bit where the BLAS rounds
@@ -30,7 +30,7 @@ __all__ = [
     "static_keys",
 ]
 
-RUNS = ("train", "infer")  # the two routing runs of an image, each with its own k-means init (spec §3.1)
+RUNS = ("train", "infer")  # the two routing runs of an image, each with its own k-means init (docs/method.md §3.1)
 CPU_BLOCK_SIZE = 32  # images per k-means block on CPU, by measurement (benchmarks/bench_routing.py --blocks)
 
 
@@ -54,7 +54,7 @@ def static_keys(num_experts: int, dim: int, seed: int) -> Tensor:
 
 
 def capacities(num_tokens: int, num_clusters: int, capacity_factor: float) -> Tensor:
-    """c_m = int(floor(N/M)·α), +1 (unscaled) for the first N mod M clusters (spec B11)."""
+    """c_m = int(floor(N/M)·α), +1 (unscaled) for the first N mod M clusters (docs/reproduce.md B11)."""
     cap = torch.full((num_clusters,), int(num_tokens // num_clusters * capacity_factor), dtype=torch.int64)
     cap[: num_tokens % num_clusters] += 1
     return cap
@@ -237,7 +237,7 @@ def capacity_kmeans(
     tol: float = 1e-4,
     block_size: int | None = None,
 ) -> KMeansResult:
-    """Official capacity-aware k-means (spec §3.3) on tokens [B, N, D]; capacity_factor=None is plain k-means.
+    """Official capacity-aware k-means (docs/method.md §3.3) on tokens [B, N, D]; capacity_factor=None is plain k-means.
 
     init_index [B, M] holds token indices of the initial centroids (default: randperm(N)[:M] per image from
     `generator`). Runs in at least fp32. Every operation is per image and an image's result is frozen when it

@@ -2,7 +2,7 @@
 
 `IMAGENET_TEMPLATES` is the 60-template subset of CLIP's ImageNet prompt ensemble (from OpenAI's
 "Prompt Engineering for ImageNet" notebook, as popularised by PromptSRC); the official TRIP code builds
-its zero-shot teacher from exactly this list (spec §4, §5).
+its zero-shot teacher from exactly this list (docs/method.md §4, §5).
 """
 
 SINGLE_TEMPLATE = "a photo of a {}."
@@ -31,5 +31,5 @@ assert len(IMAGENET_TEMPLATES) == 60
 
 
 def prompt_name(class_name: str) -> str:
-    """Class names as they appear in prompts: underscores become spaces (spec §1.1)."""
+    """Class names as they appear in prompts: underscores become spaces (docs/method.md §1.1)."""
     return class_name.replace("_", " ")

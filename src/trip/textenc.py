@@ -5,7 +5,7 @@ Every image i has its own context ``ctx[i]`` (``[N_CTX, W]``), so one step encod
 
 * :func:`encode_prompts_naive`: the official code's loop over images, each running C full-length
   sequences through ``model.transformer`` exactly as ``CLIP.encode_text`` does. Reference and baseline.
-* :func:`encode_prompts`: one batched computation, equal up to float reduction order (spec §10 items 3-6).
+* :func:`encode_prompts`: one batched computation, equal up to float reduction order (docs/method.md §10 items 3-6).
   Sequences end at the last EOT (the tower is causal and pools at EOT). Positions 0..N_CTX (SOS + ctx)
   are the same for every class of an image and, being causal, never see the class tokens: they run once
   per image, and the class suffixes attend to their cached keys/values. Classes run in chunks.

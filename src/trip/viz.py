@@ -11,7 +11,6 @@ import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,16 +28,13 @@ from trip.backbone import Backbone, load_backbone, load_image, resolve_device
 from trip.config import ExperimentCfg, TripCfg
 from trip.data.datasets import DatasetSpec, get_dataset
 from trip.errors import TripError
+from trip.expert_usage import EXPERT_USAGE_FILE
 from trip.features import image_id
-
-if TYPE_CHECKING:
-    from trip.experiment import Workspace
 
 OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000")
 _SERIES_ORDER = (4, 5, 2, 6, 0, 1, 7, 3)  # lines on white: strong colours first, yellow last
 DROPPED_COLOR = "#BBBBBB"
 DROPPED_HATCH = "////"
-EXPERT_USAGE_FILE = "expert_usage.json"
 FIGURES_DIR = "figures"
 DPI = 130
 
@@ -225,35 +221,6 @@ def _expert_legend(ax: Axes, num_experts: int) -> None:
 
 
 # --------------------------------------------------------------------------- expert usage (written by a run)
-
-
-def expert_usage(workspace: Workspace) -> dict:
-    """Per method with the token router, per phase (train / infer) and domain: the mean mixture weight of each
-    expert, and the share of images whose largest weight is that expert's (ties go to the lower index).
-    Computed from the cached routing weights of every image of the domain."""
-    from trip.methods.trip import Trip
-
-    methods = {}
-    for method in workspace.methods:
-        if not (isinstance(method, Trip) and method.routing_specs()):
-            continue
-        phases = {phase: {"capacity": spec.capacity,
-                          "domains": {d: _usage(f.routing[spec.key()]) for d, f in workspace.frozen.items()}}
-                  for phase, spec in (("train", method.route_train), ("infer", method.route_infer))}
-        methods[method.label] = {"num_experts": method.cfg.num_experts, "phases": phases}
-    return {"methods": methods}
-
-
-def _usage(weights: Tensor) -> dict:
-    n, m = weights.shape
-    share = torch.bincount(weights.argmax(1), minlength=m).double() / max(1, n)
-    return {"images": n, "mean_weight": weights.double().mean(0).tolist(), "argmax_share": share.tolist()}
-
-
-def write_expert_usage(workspace: Workspace, out_dir: Path) -> Path:
-    path = out_dir / EXPERT_USAGE_FILE
-    path.write_text(json.dumps(expert_usage(workspace), indent=2))
-    return path
 
 
 # --------------------------------------------------------------------------- figures of a run folder

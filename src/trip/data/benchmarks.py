@@ -1,4 +1,4 @@
-"""The four FedDG benchmarks as data: canonical domain order and class lists (spec §1.1), expected image
+"""The four FedDG benchmarks as data: canonical domain order and class lists (docs/method.md §1.1), expected image
 counts, and the archives the papers point to. `trip.data.datasets` registers them; nothing here runs.
 
 Class lists are the sorted class-folder names (Python's case-sensitive sort, as torchvision's ImageFolder

@@ -1,4 +1,4 @@
-"""The data sets trip knows: canonical domain order and class lists (spec §1.1), and where they live."""
+"""The data sets trip knows: canonical domain order and class lists (docs/method.md §1.1), and where they live."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from trip.data import benchmarks as bm
 from trip.data import synthetic
 from trip.data.benchmarks import Archive
 from trip.errors import TripError
+from trip.paths import cache_dir
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,6 @@ def dataset_root(spec: DatasetSpec, root: str | None, images_per_class: int, see
     first use, under `root` (or the cache) in a folder named by its settings (`synthetic.folder_name`); real
     ones are looked up under `root` (or $TRIP_DATA) by any of their folder names."""
     if spec.name == "synthetic":
-        from trip.backbone import cache_dir
-
         base = Path(root) if root else cache_dir() / "data"
         return synthetic.write_domains(base, images_per_class=images_per_class, seed=seed)
     base_str = root or os.environ.get("TRIP_DATA")

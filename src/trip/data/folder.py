@@ -58,7 +58,7 @@ def subsample(domain: Domain, max_images: int | None, seed: int) -> Domain:
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The official split (spec §1.2): a seeded permutation, the first int(0.8·L) train, the next
+    """The official split (docs/method.md §1.2): a seeded permutation, the first int(0.8·L) train, the next
     int(0.2·L) val. A fresh RandomState per domain, so equal-sized domains get the same permutation."""
     perm = np.random.RandomState(seed).permutation(n)
     n_train = int(n * (1 - val_fraction))

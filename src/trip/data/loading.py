@@ -20,6 +20,7 @@ from trip.data.datasets import DatasetSpec
 from trip.data.folder import Domain, scan_domain, subsample
 from trip.data.imagecheck import find_unreadable, image_problem
 from trip.errors import TripError
+from trip.paths import cache_dir
 
 SHOWN = 20  # bad files named in an error message
 
@@ -127,7 +128,6 @@ def without(domain: Domain, drop: set[str]) -> Domain:
 
 def cached_unreadable(dataset: str, root: Path, domain: Domain) -> dict[str, str]:
     from trip import safefile  # here, so that `trip data` commands do not import torch
-    from trip.backbone import cache_dir
 
     digest = hashlib.sha256("\n".join([str(root.resolve()), *domain.paths]).encode()).hexdigest()
     path = cache_dir() / "imagecheck" / dataset / f"{domain.name}-{digest[:16]}-v2.json"  # v2: checksummed

@@ -1,5 +1,5 @@
-"""What a client does in a round: train the communicated tensors locally from the global ones, and
-measure accuracy. The same functions serve the in-process engine and the Flower ClientApp."""
+"""What a client does in a round: train the communicated tensors (and its private ones) locally from the global
+ones, and measure accuracy. The same functions serve the in-process engine and the Flower ClientApp."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from trip.config import TrainCfg
 from trip.errors import TripError
 from trip.federation.optim import make_optimizer
-from trip.methods.base import Method, Split
+from trip.methods.base import Method, Split, Tensors
 
 
 class NonFiniteError(TripError):
@@ -20,28 +20,29 @@ class NonFiniteError(TripError):
 
 @dataclass
 class ClientUpdate:
-    params: dict[str, torch.Tensor]  # the communicated tensors after local training
+    params: Tensors  # the communicated tensors after local training
+    private: Tensors  # the client's private tensors after local training (they never travel)
     loss: float  # mean training loss over the round's steps
 
 
-def round_seed(seed: int, round_idx: int, client_idx: int) -> int:
-    """Seeds a client's batch order in a round: independent of the engine and of other clients."""
-    return (seed * 1_000_003 + round_idx * 10_007 + client_idx) % (2**63)
+def _leaves(tensors: Tensors) -> Tensors:
+    return {k: v.detach().clone().float().requires_grad_(True) for k, v in tensors.items()}
 
 
-def client_update(method: Method, global_params: dict[str, torch.Tensor], train: Split, cfg: TrainCfg,
-                  lr: float, seed: int, *, where: str = "client") -> ClientUpdate:
-    """Local epochs from the global params with train's AdamW, or the method's own optimizer where its config
-    names one; a new optimizer every round (spec B3)."""
-    params = {k: v.detach().clone().float().requires_grad_(True) for k, v in global_params.items()}
-    opt = make_optimizer(params.values(), cfg, getattr(method.cfg, "optimizer", None), lr)
+def client_update(method: Method, global_params: Tensors, train: Split, cfg: TrainCfg, lr: float, seed: int, *,
+                  private: Tensors | None = None, where: str = "client") -> ClientUpdate:
+    """Local epochs from the global params (and the client's private ones) with the method's optimizer (train's
+    AdamW by default); a new optimizer every round, as the official code. A private tensor the method's loss
+    does not differentiate (e.g. one it detaches) gets no gradient and stays as it is."""
+    shared, own = _leaves(global_params), _leaves(private or {})
+    opt = make_optimizer([*shared.values(), *own.values()], cfg, method.optimizer(), lr)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for epoch in range(cfg.local_epochs):
         order = torch.randperm(len(train), generator=gen)
         for step, start in enumerate(range(0, len(train), cfg.batch_size)):
             batch = train.take(order[start:start + cfg.batch_size].to(train.labels.device))
-            loss = method.loss(params, batch)
+            loss = method.loss(shared | own, batch)
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"non-finite loss ({loss.item()}) at {where}, epoch {epoch}, step {step}: "
                                 f"the global state was not changed. Lower train.lr or check the data")
@@ -49,15 +50,15 @@ def client_update(method: Method, global_params: dict[str, torch.Tensor], train:
             loss.backward()
             opt.step()
             losses.append(loss.item())
-    out = {k: v.detach() for k, v in params.items()}
-    if not all(torch.isfinite(v).all() for v in out.values()):
+    out, kept = ({k: v.detach() for k, v in d.items()} for d in (shared, own))
+    if not all(torch.isfinite(v).all() for v in [*out.values(), *kept.values()]):
         raise NonFiniteError(f"non-finite parameters after local training at {where}: update discarded")
-    return ClientUpdate(out, sum(losses) / max(1, len(losses)))
+    return ClientUpdate(out, kept, sum(losses) / max(1, len(losses)))
 
 
 @torch.no_grad()
-def accuracy(method: Method, params: dict[str, torch.Tensor], split: Split) -> float:
-    """Top-1 accuracy in %, micro-averaged over the split's images."""
+def accuracy(method: Method, params: Tensors, split: Split) -> float:
+    """Top-1 accuracy in %, micro-averaged over the split's images, of the deployed model `params`."""
     if len(split) == 0:
         return math.nan
     correct = 0

@@ -1,5 +1,5 @@
 """The server's side of a round: size-weighted FedAvg of the communicated tensors (fp32), and the Beta
-moving average (BMA) of the global tensors that the official code selects and saves (spec §6.2)."""
+moving average (BMA) of the global tensors that the official code selects and saves (docs/method.md §6.2)."""
 
 from __future__ import annotations
 

@@ -1,43 +1,83 @@
-"""What every method shares: the data a method sees (cached frozen tensors) and the method interface."""
+"""What every method shares: the data a method sees (a view over cached frozen inputs) and the method contract.
+
+A method declares, besides its forward pass (`loss`, `logits`):
+- `inputs()`: the frozen inputs it reads per image (`trip.features.Inputs`); the store caches exactly those;
+- `optimizer()`: its local optimizer (None: train's AdamW) and `aggregation` ("weighted" by client size, or
+  "uniform");
+- `init_params(seed)`: the tensors that travel each round (their count: `count_params`);
+- `init_private(seed, client, clients)`: tensors a client keeps across rounds and never sends; a client trains
+  them with the shared ones (`loss` gets both in one dict), an engine keeps them and checkpoints them;
+- `target_upload(private)` and `target_model(shared, uploads)`: how the held-out domain is predicted when that
+  differs from how clients train. A client uploads `target_upload` once (counted by `count_upload`, apart from the
+  per-round cost); `target_model` builds the deployed model from the shared tensors and every client's upload.
+  That deployed model is what `logits` gets for evaluation, on the target *and* on the source validation splits
+  that select the round, so the round is selected for the model that is deployed."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from trip.backbone import Backbone
-from trip.features import RoutingSpec
+from trip.config import OptimizerCfg
+from trip.features import Inputs
+from trip.patchcache import PatchFile
+
+Tensors = dict[str, torch.Tensor]
 
 
-@dataclass
+class PatchRows:
+    """Some rows of a patch-token file, read only when a batch asks for them."""
+
+    def __init__(self, file: PatchFile, index: torch.Tensor):
+        self.file, self.index = file, index
+
+    def __getitem__(self, idx: torch.Tensor | slice) -> PatchRows:
+        return PatchRows(self.file, self.index[idx.cpu() if isinstance(idx, torch.Tensor) else idx])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
 class Split:
-    """The cached frozen view of some images: all a method needs to train or predict."""
+    """The frozen view of some images: labels and named inputs ("features" [n, E] L2-normalised, "norms" [n],
+    "cls" [n, Dv], "patches" [n, grid², E], RoutingSpec.key() [n, M]), all a method needs to train or predict.
+    `split[name]` gives one input on the split's device; patch tokens are read from disk then."""
 
-    features: torch.Tensor  # [n, E] L2-normalised image features
-    labels: torch.Tensor  # [n] int64
-    cls: torch.Tensor  # [n, Dv] final-block CLS token
-    routing: dict[str, torch.Tensor] = field(default_factory=dict)  # RoutingSpec.key() -> [n, M]
-    norms: torch.Tensor | None = None  # [n] feature norms before normalisation (FedCLIP's adapter input)
+    def __init__(self, labels: torch.Tensor, inputs: dict[str, torch.Tensor | PatchRows],
+                 device: torch.device | None = None):
+        self.labels = labels  # [n] int64
+        self.inputs = inputs
+        self.device = device or labels.device
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self["features"]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = self.inputs.get(name)
+        if value is None:
+            raise KeyError(f"the split has no input {name!r}: the method must declare it in inputs()")
+        return value.file.rows(value.index).to(self.device) if isinstance(value, PatchRows) else value
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.inputs
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, idx: torch.Tensor | slice) -> Split:
-        return Split(self.features[idx], self.labels[idx], self.cls[idx],
-                     {k: v[idx] for k, v in self.routing.items()}, None if self.norms is None else self.norms[idx])
-
-    def to(self, device: torch.device) -> Split:
-        return Split(self.features.to(device), self.labels.to(device), self.cls.to(device),
-                     {k: v.to(device) for k, v in self.routing.items()},
-                     None if self.norms is None else self.norms.to(device))
+        return Split(self.labels[idx], {k: v[idx] for k, v in self.inputs.items()}, self.device)
 
 
 class Method:
-    """Base class. `init_params` holds exactly what travels between clients and server."""
+    """Base class: the defaults are a method with shared tensors only, AdamW, size-weighted averaging, and the
+    same model for training and the held-out domain."""
 
     uses_bma = False
     eval_batch_size = 256
+    aggregation: Literal["weighted", "uniform"] = "weighted"
 
     def __init__(self, cfg, backbone: Backbone, class_names: tuple[str, ...]):
         self.cfg = cfg
@@ -46,31 +86,55 @@ class Method:
         self.label = cfg.label or cfg.name
 
     @staticmethod
-    def count_params(cfg, text_width: int, vision_width: int) -> int:
+    def count_params(cfg, text_width: int, vision_width: int, classes: int) -> int:
+        """Parameters one client sends (and receives) per round."""
+        return 0
+
+    @staticmethod
+    def count_upload(cfg, text_width: int, vision_width: int, classes: int) -> int:
+        """Parameters one client uploads once, at the end, for the target prediction (`target_upload`)."""
         return 0
 
     @property
     def comm_params(self) -> int:
-        return self.count_params(self.cfg, self.backbone.text_width, self.backbone.vision_width)
+        return self.count_params(self.cfg, self.backbone.text_width, self.backbone.vision_width, len(self.class_names))
+
+    @property
+    def upload_params(self) -> int:
+        return self.count_upload(self.cfg, self.backbone.text_width, self.backbone.vision_width, len(self.class_names))
 
     @property
     def trainable(self) -> bool:
         return self.comm_params > 0
 
-    def routing_specs(self) -> list[RoutingSpec]:
-        return []
+    def inputs(self) -> Inputs:
+        return Inputs()
 
-    def init_params(self, seed: int) -> dict[str, torch.Tensor]:
+    def optimizer(self) -> OptimizerCfg | None:
+        return None
+
+    def init_params(self, seed: int) -> Tensors:
         return {}
 
-    def loss(self, params: dict[str, torch.Tensor], batch: Split) -> torch.Tensor:
+    def init_private(self, seed: int, client: int, clients: int) -> Tensors:
+        return {}
+
+    def target_upload(self, private: Tensors) -> Tensors:
+        return {}
+
+    def target_model(self, shared: Tensors, uploads: list[Tensors]) -> Tensors:
+        return shared
+
+    def loss(self, params: Tensors, batch: Split) -> torch.Tensor:
+        """`params`: the shared tensors and the client's private ones, in one dict (names never clash)."""
         raise NotImplementedError
 
-    def logits(self, params: dict[str, torch.Tensor], batch: Split) -> torch.Tensor:
+    def logits(self, params: Tensors, batch: Split) -> torch.Tensor:
+        """`params`: the deployed model, `target_model(shared, uploads)`."""
         raise NotImplementedError
 
 
 def gaussian_init(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
-    """N(0, 0.02²) from a private generator (spec §2.1), so the global RNG never matters."""
+    """N(0, 0.02²) from a private generator, so the global RNG never matters."""
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=gen) * 0.02).to(device)

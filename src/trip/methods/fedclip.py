@@ -1,4 +1,4 @@
-"""FedCLIP (Lu et al., 2023; spec §7.2): a frozen CLIP with an attention adapter on the image feature,
+"""FedCLIP (Lu et al., 2023; docs/method.md §7.2): a frozen CLIP with an attention adapter on the image feature,
 A(f) = softmax(W₂·tanh(W₁f + b₁) + b₂) over the E feature dims, f' = A(f) ⊙ f. Only the adapter is trained
 and FedAvg'd: 2·(E² + E) parameters (525,312 at E = 512). Text features are frozen: "a picture of a {class}".
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trip.config import OptimizerCfg
+from trip.features import Inputs
 from trip.methods.base import Method, Split
 from trip.templates import prompt_name
 from trip.textenc import encode_class_texts
@@ -25,8 +27,14 @@ class FedCLIP(Method):
         with torch.no_grad():
             self.text = F.normalize(encode_class_texts(backbone.model, backbone.tokenizer, texts).float(), dim=-1)
 
+    def inputs(self) -> Inputs:
+        return Inputs(norms=True)
+
+    def optimizer(self) -> OptimizerCfg | None:
+        return self.cfg.optimizer
+
     @staticmethod
-    def count_params(cfg, text_width: int, vision_width: int) -> int:
+    def count_params(cfg, text_width: int, vision_width: int, classes: int) -> int:
         # E is the joint embedding width, equal to the text width in every CLIP ViT (512 for ViT-B/16).
         return 2 * (text_width**2 + text_width)
 
@@ -43,7 +51,7 @@ class FedCLIP(Method):
 
     def adapted(self, params: dict[str, torch.Tensor], batch: Split) -> torch.Tensor:
         """[b, E] L2-normalised A(f) ⊙ f, with f the unnormalised image feature (FedCLIP's adapter input)."""
-        f = batch.features if batch.norms is None else batch.features * batch.norms[:, None]
+        f = batch.features * batch["norms"][:, None]
         hidden = torch.tanh(F.linear(f, params["fc1.weight"], params["fc1.bias"]))
         attention = torch.softmax(F.linear(hidden, params["fc2.weight"], params["fc2.bias"]), dim=-1)
         return F.normalize(attention * f, dim=-1)

@@ -13,7 +13,7 @@ from trip.textenc import encode_class_texts
 @torch.no_grad()
 def zeroshot_weights(backbone: Backbone, class_names: tuple[str, ...], templates: str) -> torch.Tensor:
     """[C, E] L2-normalised class embeddings. "ensemble": the mean of the *unnormalised* features over
-    the 60 ImageNet templates, then normalised (as the official teacher, spec §4); "single": one template."""
+    the 60 ImageNet templates, then normalised (as the official teacher, docs/method.md §4); "single": one template."""
     chosen = IMAGENET_TEMPLATES if templates == "ensemble" else (SINGLE_TEMPLATE,)
     per_class = []
     for name in class_names:

@@ -1,4 +1,4 @@
-"""TRIP (spec §2–§5): M prompt experts; each image's context is the mixture Σ_e w_e·E_e with w from the
+"""TRIP (docs/method.md §2–§5): M prompt experts; each image's context is the mixture Σ_e w_e·E_e with w from the
 parameter-free token router (precomputed, cached); loss = CE + α·soft cross-entropy to the zero-shot teacher.
 Ablations replace the router (image-level, uniform, learned gate) or its parts (assignment, capacity)."""
 
@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from trip import routing
 from trip.backbone import autocast
-from trip.features import RoutingSpec
+from trip.config import OptimizerCfg
+from trip.features import Inputs, RoutingSpec
 from trip.methods.base import Method, Split, gaussian_init
 from trip.methods.text import zeroshot_weights
 from trip.textenc import build_prompt_tokens, encode_prompts
@@ -18,11 +19,13 @@ from trip.textenc import build_prompt_tokens, encode_prompts
 class Trip(Method):
     eval_batch_size = 64  # every image has its own prompt: a batch encodes batch × classes sequences
 
-    def __init__(self, cfg, backbone, class_names):
+    def __init__(self, cfg, backbone, class_names, teacher: torch.Tensor | None = None):
+        """`teacher`: [C, E] normalised class features to distil from; None: the zero-shot teacher of cfg.teacher
+        (a benchmark passes a stand-in to skip the 60-template text pass it does not measure)."""
         super().__init__(cfg, backbone, class_names)
         self.uses_bma = cfg.bma
         self.tokens = build_prompt_tokens(backbone.model, backbone.tokenizer, class_names, cfg.n_ctx)
-        self.teacher = zeroshot_weights(backbone, class_names, cfg.teacher)  # [C, E]
+        self.teacher = zeroshot_weights(backbone, class_names, cfg.teacher) if teacher is None else teacher  # [C, E]
         self.keys = routing.static_keys(cfg.num_experts, backbone.vision_width, cfg.key_seed).to(backbone.device)
         self.route_train = self._spec(cfg.capacity_train, "train")
         self.route_infer = self._spec(cfg.capacity_infer, "infer")
@@ -32,16 +35,21 @@ class Trip(Method):
         return RoutingSpec(c.num_experts, capacity, c.kmeans_iters, c.key_seed, c.assignment, run)
 
     @staticmethod
-    def count_params(cfg, text_width: int, vision_width: int) -> int:
+    def count_params(cfg, text_width: int, vision_width: int, classes: int) -> int:
         router = cfg.num_experts * (vision_width + 1) if cfg.routing == "learned" else 0
         return cfg.num_experts * cfg.n_ctx * text_width + router
 
-    def routing_specs(self) -> list[RoutingSpec]:
-        return [self.route_train, self.route_infer] if self.cfg.routing == "token" else []
+    def inputs(self) -> Inputs:
+        if self.cfg.routing == "token":
+            return Inputs(routing=(self.route_train, self.route_infer))
+        return Inputs(cls=self.cfg.routing in ("image-hard", "image-soft", "learned"))
+
+    def optimizer(self) -> OptimizerCfg | None:
+        return self.cfg.optimizer
 
     def init_params(self, seed: int) -> dict[str, torch.Tensor]:
         c, dev, width = self.cfg, self.backbone.device, self.backbone.text_width
-        if c.tie_expert_init:  # the official quirk: every expert starts from the same draw (spec B1)
+        if c.tie_expert_init:  # the official quirk: every expert starts from the same draw (docs/reproduce.md B1)
             experts = gaussian_init((c.n_ctx, width), seed, dev).expand(c.num_experts, -1, -1).clone()
         else:
             experts = gaussian_init((c.num_experts, c.n_ctx, width), seed, dev)
@@ -55,14 +63,14 @@ class Trip(Method):
         """[b, M] mixture weights of each image."""
         mode = self.cfg.routing
         if mode == "token":
-            return batch.routing[(self.route_train if train else self.route_infer).key()]
+            return batch[(self.route_train if train else self.route_infer).key()]
         if mode in ("image-hard", "image-soft"):
-            return routing.image_level_weights(batch.cls, self.keys, mode.removeprefix("image-"),
+            return routing.image_level_weights(batch["cls"], self.keys, mode.removeprefix("image-"),
                                                temperature=self.cfg.image_temperature)
         if mode == "uniform":
             return torch.full((len(batch), self.cfg.num_experts), 1 / self.cfg.num_experts,
-                              device=batch.cls.device)
-        return torch.softmax(batch.cls @ params["router.weight"].T + params["router.bias"], dim=-1)
+                              device=batch.features.device)
+        return torch.softmax(batch["cls"] @ params["router.weight"].T + params["router.bias"], dim=-1)
 
     def _student_logits(self, params: dict[str, torch.Tensor], batch: Split, train: bool) -> torch.Tensor:
         w = self.mixture_weights(params, batch, train).to(params["experts"].dtype)
@@ -83,8 +91,8 @@ class Trip(Method):
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                       alpha: float) -> torch.Tensor:
-    """CE + α·Σ_c −q_c log p_c (spec §5), the quantity the official code optimizes and logs. Its gradient is that
-    of CE + α·KL(q ‖ p); the value is larger by α·H(q), the teacher's entropy."""
+    """CE + α·Σ_c −q_c log p_c (docs/method.md §5), the quantity the official code optimizes and logs. Its gradient
+    is that of CE + α·KL(q ‖ p); the value is larger by α·H(q), the teacher's entropy."""
     loss = F.cross_entropy(student, labels)
     if alpha > 0:
         soft = -(torch.softmax(teacher, -1) * F.log_softmax(student, -1)).sum(-1).mean()

@@ -1,9 +1,11 @@
 """The ClientApp: a SuperNode holds one domain; it trains the communicated tensors exactly as the in-process
-engine's client (same split, same seed, same client index) and replies with those tensors only.
+engine's client (same split, same seed, same client index) and replies with those tensors and its target upload
+only. Its private tensors stay in the node's `context.state` across rounds (as Flower's FedRep and FedBN keep
+theirs), never in a reply.
 
-Messages: `query` (which domain do you hold?), `train` (arrays + lr, reply: arrays + num-examples) and
-`evaluate` (the server and BMA models, reply: accuracy on the node's validation split, or on its whole domain
-when it holds the held-out one)."""
+Messages: `query` (which domain do you hold?), `train` (arrays + lr, reply: arrays + upload + num-examples) and
+`evaluate` (the deployed server and BMA models, reply: accuracy on the node's validation split, or on its whole
+domain when it holds the held-out one)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from trip.experiment import Workspace
-from trip.federation.client import accuracy, client_update, round_seed
+from trip.federation.client import accuracy, client_update
 from trip.federation.flower import node
 from trip.federation.flower.protocol import MODELS, RunSpec, from_record, node_domain, to_record
-from trip.methods.base import Method, Split
+from trip.federation.rounds import round_seed
+from trip.methods.base import Method, Split, Tensors
+from trip.workspace import Workspace
+
+PRIVATE = "private"  # the context.state record of this client's private tensors
 
 app = ClientApp()
 
@@ -45,6 +50,12 @@ class Site:
     def client_idx(self) -> int:
         return self.spec.sources.index(self.domain)
 
+    def private(self, context: Context) -> Tensors:
+        """This client's private tensors: from the node's state, or their init before its first round."""
+        if PRIVATE in context.state.array_records:
+            return from_record(context.state[PRIVATE], self.ws.backbone.device)
+        return self.method.init_private(self.spec.seed, self.client_idx, len(self.spec.sources))
+
     def eval_split(self) -> Split:
         if self.domain == self.spec.target:
             return self.ws.target(self.domain)
@@ -65,9 +76,13 @@ def train(msg: Message, context: Context) -> Message:
     params = from_record(msg.content["arrays"], site.ws.backbone.device)
     client = site.ws.client(site.domain, site.spec.seed)
     update = client_update(site.method, params, client.train, site.spec.cfg.train, float(config["lr"]),
-                           round_seed(site.spec.seed, r, site.client_idx), where=f"client {site.domain}, round {r}")
+                           round_seed(site.spec.seed, r, site.client_idx), private=site.private(context),
+                           where=f"client {site.domain}, round {r}")
+    context.state[PRIVATE] = to_record(update.private)
     metrics = MetricRecord({"num-examples": client.weight, "train-loss": update.loss})
-    return Message(RecordDict({"arrays": to_record(update.params), "metrics": metrics}), reply_to=msg)
+    upload = to_record(site.method.target_upload(update.private))
+    return Message(RecordDict({"arrays": to_record(update.params), "upload": upload, "metrics": metrics}),
+                   reply_to=msg)
 
 
 @app.evaluate()

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 
 from trip.config import ExperimentCfg
 from trip.errors import TripError
-from trip.experiment import Workspace
 from trip.federation.flower.local import LocalFederation
 from trip.federation.flower.protocol import RunSpec, write_run_config
 from trip.federation.inprocess import FederationResult, RoundLogger
 from trip.methods.base import Method
+from trip.workspace import Workspace
 
 
 @contextmanager

@@ -9,8 +9,8 @@ from pathlib import Path
 from trip.config import ExperimentCfg
 from trip.data.datasets import DatasetSpec, get_dataset
 from trip.errors import TripError
-from trip.experiment import Workspace, prepare
 from trip.methods.base import Method
+from trip.workspace import Workspace, prepare
 
 _workspaces: dict[str, Workspace] = {}  # one entry: the experiment this process serves now
 

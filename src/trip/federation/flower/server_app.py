@@ -20,7 +20,7 @@ from trip.federation.client import accuracy
 from trip.federation.flower import node
 from trip.federation.flower.protocol import RunSpec, from_record, quiet_root_logger, to_record
 from trip.federation.flower.strategy import Peer, TripStrategy
-from trip.federation.inprocess import select_round
+from trip.federation.rounds import select_round, selection_model
 from trip.results import strict_json
 
 app = ServerApp()
@@ -47,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     rounds = spec.cfg.train.rounds if method.trainable else 0
     strategy.start(grid, to_record(method.init_params(spec.seed)), num_rounds=rounds, timeout=spec.round_timeout,
                    evaluate_fn=evaluate_target)
-    chosen = select_round(strategy.history, "bma" if method.uses_bma else "server")
+    chosen = select_round(strategy.history, selection_model(method))
     log(INFO, "selected round %d: target accuracy %.2f", chosen["selected_round"], chosen["acc"])
     if out:
         _write_result(out, strategy, chosen, time.perf_counter() - start)
@@ -119,7 +119,8 @@ def _write_result(out: Path, strategy: TripStrategy, chosen: dict, seconds: floa
     save_file({f"{model}/{k}": v.contiguous() for model, params in models.items() for k, v in params.items()},
               out / "models.safetensors", metadata={"models": ",".join(models)})
     doc = {"selected": chosen, "rounds": len(strategy.history), "clients": strategy.spec.sources,
-           "comm_params_per_round": strategy.method.comm_params, "time_s": round(seconds, 2)}
+           "comm_params_per_round": strategy.method.comm_params,
+           "comm_upload_once_params": strategy.method.upload_params, "time_s": round(seconds, 2)}
     tmp = out / "result.json.tmp"
     tmp.write_text(strict_json(doc, indent=2))
     tmp.replace(out / "result.json")

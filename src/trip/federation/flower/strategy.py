@@ -1,10 +1,11 @@
-"""The Flower strategy of trip: the rounds of the in-process engine over Flower messages.
+"""The Flower strategy of trip: the round protocol of `trip.federation.rounds` over Flower messages.
 
 Per round: the learning rate of the schedule goes to every source node in the train ConfigRecord; the
-replies are checked (names, shapes, dtype, finite values; a refused or failed node is logged by id and domain
-and left out), sorted by client index and averaged with `fedavg` (so the sum runs in the in-process order);
-the BMA is updated; then the server and BMA models are evaluated on every source's validation split and on
-the held-out domain (by the node that holds it, else by the ServerApp through `evaluate_fn`)."""
+replies are checked (names, shapes, dtype, finite values of the shared tensors and of the target upload; a
+refused or failed node is logged by id and domain and left out) and aggregated by the protocol's `Server` (the
+method's weights, client-index order, as in-process); then the deployed server and BMA models are evaluated on
+every source's validation split and on the held-out domain (by the node that holds it, else by the ServerApp
+through `evaluate_fn`)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from trip.errors import TripError
 from trip.federation.flower.polling import Backoff
-from trip.federation.flower.protocol import MODELS, RunSpec, from_record, to_record
-from trip.federation.server import BMA, fedavg
+from trip.federation.flower.protocol import RunSpec, to_record
+from trip.federation.rounds import Accepted, Server, eval_record, round_lr, round_record
 from trip.methods.base import Method
 
 RoundLogger = Callable[[dict], None]
@@ -59,22 +60,32 @@ def check_update(arrays: ArrayRecord, expected: dict[str, torch.Tensor]) -> dict
         bad = int((~np.isfinite(value)).sum())
         if bad:
             raise UpdateRefused(f"'{name}' has {bad} non-finite values")
-        out[name] = torch.from_numpy(np.array(value))
+        out[name] = torch.from_numpy(np.array(value)).to(ref.device)
     return out
 
 
-def check_train_reply(msg: Message, expected: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, float]:
-    """(tensors, num-examples, train loss) of a train reply, or UpdateRefused."""
+@dataclass
+class TrainReply:
+    params: dict[str, torch.Tensor]
+    upload: dict[str, torch.Tensor]
+    num_examples: int
+    loss: float
+
+
+def check_train_reply(msg: Message, expected: dict[str, torch.Tensor],
+                      expected_upload: dict[str, torch.Tensor]) -> TrainReply:
+    """The shared tensors, the target upload, num-examples and train loss of a train reply, or UpdateRefused."""
     if msg.has_error():
         raise UpdateRefused(f"the node failed: {msg.error.reason}")
     content = msg.content
-    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-        raise UpdateRefused("the reply lacks its 'arrays' or 'metrics' record")
+    if not {"arrays", "upload"} <= set(content.array_records) or "metrics" not in content.metric_records:
+        raise UpdateRefused("the reply lacks its 'arrays', 'upload' or 'metrics' record")
     metrics = content["metrics"]
     n = metrics.get("num-examples")
     if not isinstance(n, int) or n <= 0:
         raise UpdateRefused(f"num-examples {n!r} is not a positive integer")
-    return check_update(content["arrays"], expected), n, float(metrics.get("train-loss", math.nan))
+    return TrainReply(check_update(content["arrays"], expected), check_update(content["upload"], expected_upload),
+                      n, float(metrics.get("train-loss", math.nan)))
 
 
 class TripStrategy(Strategy):
@@ -85,15 +96,18 @@ class TripStrategy(Strategy):
         self.sources = sorted(sources, key=lambda p: self.index[p.node_id])
         self.target_peer = target_peer
         self.peers = {p.node_id: p for p in [*sources, *([target_peer] if target_peer else [])]}
-        self.history: list[dict] = []
-        self.params: dict[str, torch.Tensor] = {}
-        self.bma: BMA | None = None
+        self.server = Server(method, spec.cfg.train, spec.seed, len(spec.sources))
         self._sent: dict[str, int] = {}  # message id -> destination node
-        self.round_state: dict = {"round": 0, "failed": {}}  # the record of the round in progress
+        self.round_state: dict = {"round": 0, "failed": {}}  # the round in progress: its lr, updates, failures
+
+    @property
+    def history(self) -> list[dict]:
+        return self.server.history
 
     @property
     def models(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"server": self.params} if self.bma is None else {"server": self.params, "bma": self.bma.params}
+        """The deployed models of the current round."""
+        return self.server.models()
 
     def summary(self) -> None:
         log(INFO, "TripStrategy: method %s, held out %s, seed %d, sources %s (nodes %s), target on %s, "
@@ -108,11 +122,7 @@ class TripStrategy(Strategy):
               evaluate_fn: TargetEval | None = None) -> Result:
         """`num_rounds` = 0 evaluates the initial model once (an untrained method, as round 0 in-process)."""
         self.summary()
-        self.params = from_record(initial_arrays)
-        cfg = self.method.cfg
-        if self.method.uses_bma and num_rounds:
-            self.bma = BMA(self.params, num_rounds, cfg.bma_beta, cfg.bma_include_init)
-        result = Result(arrays=initial_arrays)
+        result = Result(arrays=to_record(self.server.params))
         if num_rounds == 0:
             self.round_state = {"round": 0, "failed": {}}
             ev = self._evaluate(grid, 0, evaluate_config, evaluate_fn, timeout)
@@ -124,8 +134,9 @@ class TripStrategy(Strategy):
             result.arrays, metrics = self.aggregate_train(server_round, self.exchange(grid, messages, timeout))
             result.train_metrics_clientapp[server_round] = metrics
             ev = self._evaluate(grid, server_round, evaluate_config, evaluate_fn, timeout)
-            keys = ("round", "lr", "train_loss", "participants", "failed")  # the in-process engine's record
-            self._record({**{k: self.round_state[k] for k in keys}, "eval": ev, "time_s": time.perf_counter() - start})
+            state = self.round_state
+            self._record(round_record(state["round"], state["lr"], state["accepted"], state["failed"], ev,
+                                      time.perf_counter() - start))
         return result
 
     def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
@@ -147,18 +158,18 @@ class TripStrategy(Strategy):
 
     def _evaluate(self, grid: Grid, server_round: int, config: ConfigRecord | None,
                   evaluate_fn: TargetEval | None, timeout: float) -> dict:
-        arrays = to_record(self.params)
-        messages = self.configure_evaluate(server_round, arrays, config or ConfigRecord(), grid)
+        records = self._model_records()
+        messages = self.configure_evaluate(server_round, records["server"], config or ConfigRecord(), grid)
         self.aggregate_evaluate(server_round, self.exchange(grid, messages, timeout))
         ev = self.round_state.pop("eval")
         if self.target_peer is None and evaluate_fn is not None:
-            for name, record in self._model_records(arrays).items():
+            for name, record in records.items():
                 res = evaluate_fn(server_round, record)
                 ev[name]["target"] = float(res["acc"]) if res is not None else math.nan
         return ev
 
     def _record(self, record: dict) -> None:
-        self.history.append(record)
+        self.server.log(record)
         self.on_round(record)
 
     # --- the Strategy interface ---------------------------------------------------------------------
@@ -166,9 +177,8 @@ class TripStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         r = server_round - 1
-        train = self.spec.cfg.train
-        lr = train.lr * train.lr_decay**r
-        self.round_state = {"round": r, "lr": lr, "failed": {}}
+        lr = round_lr(self.spec.cfg.train, r)
+        self.round_state = {"round": r, "lr": lr, "failed": {}, "accepted": []}
         content = RecordDict({"arrays": arrays,
                               "config": ConfigRecord({**config, "server-round": server_round, "lr": lr})})
         return [self._message(content, p, MessageType.TRAIN, server_round) for p in self._online(grid, self.sources)]
@@ -181,25 +191,25 @@ class TripStrategy(Strategy):
             try:
                 if node_id not in self.index:
                     raise UpdateRefused("the node holds no source domain of this run")
-                params, n, loss = check_train_reply(msg, self.params)
+                index = self.index[node_id]
+                reply = check_train_reply(msg, self.server.params, self.server.uploads[index])
             except UpdateRefused as why:
                 self._fail(node_id, f"update refused: {why}")
                 continue
-            accepted.append((self.index[node_id], self.peers[node_id].domain, params, n, loss))
-        accepted.sort(key=lambda a: a[0])
+            accepted.append(Accepted(index, self.peers[node_id].domain, reply.params, reply.num_examples,
+                                     reply.loss, reply.upload))
         if len(accepted) < self.spec.min_clients:
             raise TripError(f"round {server_round - 1}: {len(accepted)} valid client updates, fewer than the "
                             f"{self.spec.min_clients} required (min-clients); failures: "
                             f"{self.round_state['failed']}")
-        self.params = fedavg([a[2] for a in accepted], [a[3] for a in accepted])
-        if self.bma is not None:
-            self.bma.update(self.params, server_round - 1)
-        self.round_state.update(train_loss={a[1]: a[4] for a in accepted}, participants=[a[1] for a in accepted])
-        return to_record(self.params), MetricRecord({"num-clients": len(accepted)})
+        self.server.aggregate(server_round - 1, accepted, self.round_state["failed"])
+        self.round_state["accepted"] = accepted
+        return to_record(self.server.params), MetricRecord({"num-clients": len(accepted)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        content = RecordDict({**self._model_records(arrays),
+        """`arrays`: the deployed server model; the BMA one (if any) goes with it."""
+        content = RecordDict({**self._model_records(), "server": arrays,
                               "config": ConfigRecord({**config, "server-round": server_round})})
         peers = self._online(grid, [*self.sources, *([self.target_peer] if self.target_peer else [])])
         return [self._message(content, p, MessageType.EVALUATE, server_round) for p in peers]
@@ -216,18 +226,15 @@ class TripStrategy(Strategy):
         val_domains = [p.domain for p in self.sources if p.domain in acc]
         if not val_domains:
             raise TripError(f"round {server_round - 1}: no source node returned its validation accuracy")
-        ev = {}
-        for m in self.models:
-            val = {d: acc[d][m] for d in val_domains}
-            ev[m] = {"val": val, "val_mean": sum(val.values()) / len(val),
-                     "target": acc.get(self.spec.target, {}).get(m, math.nan)}
+        ev = eval_record({m: {d: acc[d][m] for d in val_domains} for m in self.models},
+                         {m: a for m, a in acc.get(self.spec.target, {}).items()})
         self.round_state["eval"] = ev
         return MetricRecord({f"val-mean-{m}": ev[m]["val_mean"] for m in ev})
 
     # --- helpers ----------------------------------------------------------------------------------------
 
-    def _model_records(self, server: ArrayRecord) -> dict[str, ArrayRecord]:
-        return {m: server if m == "server" else to_record(self.models[m]) for m in MODELS if m in self.models}
+    def _model_records(self) -> dict[str, ArrayRecord]:
+        return {m: to_record(params) for m, params in self.models.items()}
 
     def _message(self, content: RecordDict, peer: Peer, kind: str, server_round: int) -> Message:
         return Message(content, dst_node_id=peer.node_id, message_type=kind, group_id=str(server_round),

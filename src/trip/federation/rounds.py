@@ -1,0 +1,133 @@
+"""The round protocol, one module that the in-process engine and the Flower ServerApp/ClientApp both call, so the
+two cannot drift: the lr schedule, the clients' seeds, the aggregation (the method's), the BMA, the deployed
+models, the round record, evaluation and round selection.
+
+A round r: every source client trains from the global tensors with lr(r) and its seed (client index order),
+keeps its private tensors and returns the shared ones with its upload for the target (`Method.target_upload`);
+the server averages the accepted updates in client-index order with the method's weights, updates the BMA, and
+evaluates the deployed models (`Method.target_model` of the server and BMA tensors with the latest uploads) on
+every source's validation split and on the held-out domain. The round is selected by mean source-validation
+accuracy of the deployed BMA (else server) model: the model that would be deployed on the target."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from trip.checkpoint import FederationState
+from trip.config import TrainCfg
+from trip.errors import TripError
+from trip.federation.client import accuracy
+from trip.federation.server import BMA, fedavg
+from trip.methods.base import Method, Split, Tensors
+
+
+@dataclass
+class Client:
+    domain: str
+    train: Split
+    val: Split
+    weight: int  # FedAvg weight: the images the client holds, or its train split (train.fedavg_weight)
+
+
+@dataclass
+class Accepted:
+    """A client's update that the server aggregates."""
+
+    index: int  # the client's index among the run's source domains (canonical order)
+    domain: str
+    params: Tensors  # the shared tensors after local training
+    weight: int
+    loss: float
+    upload: Tensors  # Method.target_upload of its private tensors after the round
+
+
+def round_lr(train: TrainCfg, r: int) -> float:
+    return train.lr * train.lr_decay**r
+
+
+def round_seed(seed: int, round_idx: int, client_idx: int) -> int:
+    """Seeds a client's batch order in a round: independent of the engine and of other clients."""
+    return (seed * 1_000_003 + round_idx * 10_007 + client_idx) % (2**63)
+
+
+def selection_model(method: Method) -> str:
+    return "bma" if method.uses_bma else "server"
+
+
+class Server:
+    """The server's side of one run: global tensors, BMA, the clients' latest target uploads, the history."""
+
+    def __init__(self, method: Method, train: TrainCfg, seed: int, clients: int):
+        self.method = method
+        self.params = method.init_params(seed)
+        # Before a client's first update its upload is that of its initial private state (the same on every
+        # engine: init_private is a function of the seed and the client index alone).
+        self.uploads = [method.target_upload(method.init_private(seed, i, clients)) for i in range(clients)]
+        cfg = method.cfg
+        self.bma = BMA(self.params, train.rounds, cfg.bma_beta, cfg.bma_include_init) \
+            if method.uses_bma and method.trainable else None
+        self.history: list[dict] = []
+        self.next_round = 0
+
+    def restore(self, state: FederationState, privates: list[Tensors]) -> None:
+        self.params, self.history, self.next_round = state.params, list(state.history), state.next_round
+        self.uploads = [self.method.target_upload(p) for p in privates]
+        if self.bma is not None:
+            self.bma.params, self.bma.total = state.bma_params, state.bma_total
+
+    def aggregate(self, r: int, accepted: list[Accepted], failed: dict[str, str]) -> None:
+        if not accepted:
+            raise TripError(f"round {r}: every client failed ({'; '.join(failed.values())}); stopping with the "
+                            f"global state of round {r - 1} unchanged")
+        accepted = sorted(accepted, key=lambda a: a.index)
+        weights = [a.weight for a in accepted] if self.method.aggregation == "weighted" else [1] * len(accepted)
+        self.params = fedavg([a.params for a in accepted], weights)
+        if self.bma is not None:
+            self.bma.update(self.params, r)
+        for a in accepted:
+            self.uploads[a.index] = a.upload
+
+    def models(self) -> dict[str, Tensors]:
+        """The deployed models, by name: "server" (and "bma")."""
+        shared = {"server": self.params} | ({"bma": self.bma.params} if self.bma is not None else {})
+        return {name: self.method.target_model(p, self.uploads) for name, p in shared.items()}
+
+    def log(self, record: dict) -> None:
+        self.history.append(record)
+        self.next_round = record["round"] + 1
+
+    def state(self, privates: list[Tensors]) -> FederationState:
+        bma = self.bma
+        return FederationState(self.next_round, self.params, bma.params if bma else None, bma.total if bma else 0.0,
+                               self.history, privates)
+
+
+def eval_record(val: dict[str, dict[str, float]], target: dict[str, float]) -> dict:
+    """`val`: model -> domain -> accuracy; `target`: model -> accuracy. The "eval" entry of a round record."""
+    return {m: {"val": v, "val_mean": sum(v.values()) / len(v), "target": target.get(m, math.nan)}
+            for m, v in val.items()}
+
+
+def evaluate(method: Method, models: dict[str, Tensors], clients: list[Client], target: Split) -> dict:
+    """Source-validation accuracy per client, their mean, and target accuracy, for each deployed model."""
+    val = {m: {c.domain: accuracy(method, p, c.val) for c in clients} for m, p in models.items()}
+    return eval_record(val, {m: accuracy(method, p, target) for m, p in models.items()})
+
+
+def round_record(r: int, lr: float, accepted: list[Accepted], failed: dict[str, str], ev: dict,
+                 seconds: float) -> dict:
+    accepted = sorted(accepted, key=lambda a: a.index)
+    return {"round": r, "lr": lr, "train_loss": {a.domain: a.loss for a in accepted},
+            "participants": [a.domain for a in accepted], "failed": failed, "eval": ev, "time_s": seconds}
+
+
+def select_round(history: list[dict], model: str) -> dict:
+    """The round with the best mean source-validation accuracy of `model` (first one on ties, as the
+    official strict `>`), and the target accuracies there."""
+    best = max(history, key=lambda h: (h["eval"][model]["val_mean"], -h["round"]))
+    return {"selected_round": best["round"], "selected_on": model,
+            "val_mean": best["eval"][model]["val_mean"],
+            "acc": best["eval"][model]["target"],
+            **{f"acc_{name}": ev["target"] for name, ev in best["eval"].items()}}
+

@@ -1,0 +1,136 @@
+"""What every run of an experiment shares (`Workspace`): the backbone, the domains, their frozen inputs, and the
+methods; and `prepare`, which builds it. The engines (in-process and Flower) import this module, never the
+experiment runner."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from functools import reduce
+
+import torch
+import torch.nn.functional as F
+
+from trip.backbone import Backbone, load_backbone, resolve_device
+from trip.config import ExperimentCfg
+from trip.data.datasets import DatasetSpec, dataset_root, get_dataset
+from trip.data.folder import Domain, split_indices
+from trip.data.loading import load_domains
+from trip.errors import TripError
+from trip.features import DomainFeatures, FrozenStore, Inputs
+from trip.federation.rounds import Client
+from trip.methods import build_method
+from trip.methods.base import Method, PatchRows, Split
+from trip.paths import cache_dir
+
+
+@dataclass
+class Workspace:
+    """What every run of an experiment shares: the backbone, the domains and their frozen features."""
+
+    cfg: ExperimentCfg
+    backbone: Backbone
+    dataset: DatasetSpec
+    domains: dict[str, Domain]
+    frozen: dict[str, DomainFeatures]
+    methods: list[Method]
+    skipped_images: dict[str, int] = field(default_factory=dict)  # unreadable images left out, per domain
+
+    @property
+    def inputs(self) -> Inputs:
+        return experiment_inputs(self.methods)
+
+    def split(self, domain: str, index) -> Split:
+        """The images at `index` of `domain`, with every input the experiment's methods declared."""
+        f, inputs = self.frozen[domain], self.inputs
+        idx = torch.as_tensor(index, dtype=torch.int64)
+        dev = self.backbone.device
+        views: dict = {"features": F.normalize(f.features[idx], dim=-1).to(dev)}
+        if inputs.norms:
+            views["norms"] = f.features[idx].norm(dim=-1).to(dev)
+        if inputs.cls:
+            views["cls"] = f.cls[idx].to(dev)
+        views |= {k: v[idx].to(dev) for k, v in f.routing.items()}
+        if inputs.patches:
+            views["patches"] = PatchRows(f.patches, idx)
+        return Split(torch.as_tensor(self.domains[domain].labels[index]).to(dev), views, dev)
+
+    def clients(self, target: str, seed: int) -> list[Client]:
+        return [self.client(name, seed) for name in self.dataset.domains if name != target]
+
+    def client(self, name: str, seed: int) -> Client:
+        held = len(self.domains[name])
+        train_idx, val_idx = split_indices(held, self.cfg.data.val_fraction, seed)
+        weight = held if self.cfg.train.fedavg_weight == "images" else len(train_idx)
+        return Client(name, self.split(name, train_idx), self.split(name, val_idx), weight)
+
+    def target(self, name: str) -> Split:
+        return self.split(name, list(range(len(self.domains[name]))))
+
+
+def targets_of(cfg: ExperimentCfg, spec: DatasetSpec) -> list[str]:
+    if cfg.data.targets == "all":
+        return list(spec.domains)
+    unknown = [t for t in cfg.data.targets if t not in spec.domains]
+    if unknown:
+        raise TripError(f"data.targets: {unknown} are not domains of {spec.name} ({', '.join(spec.domains)})")
+    return list(cfg.data.targets)
+
+
+def prepare(cfg: ExperimentCfg, only: list[str] | None = None) -> Workspace:
+    """`only`: load just these domains (a Flower SuperNode holds one; a ServerApp may need none)."""
+    spec = get_dataset(cfg.data.name)
+    targets_of(cfg, spec)
+    names = [d for d in spec.domains if only is None or d in only]
+    root = dataset_root(spec, cfg.data.root, cfg.data.images_per_class, seed=0) if names else None
+    data = load_domains(spec, root, cfg.data, names)  # refuses unreadable images unless data.skip_bad_images
+    spec, domains = data.spec, data.domains
+    problems = split_problems(cfg, spec, {d: len(dom) for d, dom in domains.items()})
+    if problems:
+        raise TripError("\n  ".join(["a domain's split is empty, so the runs cannot train or select a round:",
+                                        *problems]))
+    device = resolve_device(cfg.device)
+    backbone = load_backbone(cfg.backbone, device)
+    methods = [build_method(m, backbone, spec.classes) for m in cfg.methods]
+    store = FrozenStore(backbone, cache_dir())
+    frozen = {d: store.load(spec.name, dom, experiment_inputs(methods)) for d, dom in domains.items()}
+    return Workspace(cfg, backbone, spec, domains, frozen, methods, data.skipped_counts())
+
+
+def split_problems(cfg: ExperimentCfg, spec: DatasetSpec, sizes: dict[str, int]) -> list[str]:
+    """What makes a run meaningless before it starts: a domain with no images, or a source domain (a client of
+    some run) whose train or validation split is empty. `sizes`: images per domain, as the runs would use them."""
+    targets = targets_of(cfg, spec)
+    vf = cfg.data.val_fraction
+    problems: dict[str, list[str]] = {}  # problem -> the domains that have it
+    for domain, n in sizes.items():
+        train, val = (len(part) for part in split_indices(n, vf, seed=0))  # the sizes do not depend on the seed
+        if n == 0:
+            problems.setdefault("no images left to use", []).append(domain)
+        elif (not train or not val) and any(t != domain for t in targets):
+            empty = "train split is empty: a client with nothing to train on" if not train else \
+                "validation split is empty: no validation accuracy to select a round by"
+            problems.setdefault(f"{n} images split into {train} train / {val} validation (data.val_fraction {vf}); "
+                                f"the {empty}. {_more_images(cfg, spec, n)}", []).append(domain)
+    return [f"{', '.join(domains)}: {problem}" for problem, domains in problems.items()]
+
+
+def _more_images(cfg: ExperimentCfg, spec: DatasetSpec, n: int) -> str:
+    """The settings that give every split at least one image."""
+    vf = cfg.data.val_fraction
+    # The smallest domain split_indices gives an image in each part: int(m·(1−vf)) ≥ 1 and int(m·vf) ≥ 1.
+    need = next(m for m in itertools.count(max(1, int(1 / min(vf, 1 - vf)) - 1))
+                if int(m * (1 - vf)) >= 1 and int(m * vf) >= 1)
+    limit = cfg.data.max_images_per_domain
+    if limit is not None and limit < need:
+        fix = f"Set data.max_images_per_domain to at least {need}"
+    elif spec.name == "synthetic":
+        fix = f"Set data.images_per_class to at least {-(-need // len(spec.classes))}"
+    else:
+        fix = f"The domain needs at least {need} images (it has {n})"
+    return f"{fix}, or change data.val_fraction."
+
+
+def experiment_inputs(methods: list[Method]) -> Inputs:
+    """The union of the frozen inputs the methods declare."""
+    return reduce(lambda a, b: a | b, (m.inputs() for m in methods), Inputs())

@@ -180,3 +180,25 @@ def test_concurrent_writers_of_one_file_never_leave_a_mixed_one(tmp_path):
 
 def test_train_and_infer_routing_are_separate_cache_entries_even_at_one_capacity():
     assert RoutingSpec(4, 1.0, run="train").key() != RoutingSpec(4, 1.0, run="infer").key()
+
+
+def test_patch_tokens_are_read_per_batch_and_a_bad_chunk_is_rebuilt(data, tiny_backbone, tmp_path, monkeypatch,
+                                                                     capsys):
+    from trip import patchcache
+    from trip.backbone import load_image
+
+    monkeypatch.setattr(patchcache, "CHUNK_BYTES", 3 * 64 * 64 * 2)  # 3 images per chunk
+    domain = scan_domain(data, "photo", CLASSES)
+    store = FrozenStore(tiny_backbone, tmp_path / "cache")
+    patches = store.load("synthetic", domain, Inputs(patches=True)).patches
+    pixels = torch.stack([tiny_backbone.transform()(load_image(data / p)) for p in domain.paths[4:6]])
+    want = tiny_backbone.project_patches(tiny_backbone.encode_images(pixels)[1]).half().float()
+    assert torch.equal(patches.rows(torch.tensor([4, 5])), want) and len(patches.chunks) > 2
+    path = next((tmp_path / "cache").rglob("*.patches"))
+    _flip(path, 4 * 64 * 64 * 2 + 7)  # in image 4, chunk 1, not yet read by a fresh process
+    capsys.readouterr()
+    fresh = store.load("synthetic", domain, Inputs(patches=True)).patches
+    assert capsys.readouterr().err == ""  # the chunk is checked on its first read, not at open
+    assert torch.equal(fresh.rows(torch.tensor([0])), patches.rows(torch.tensor([0])))  # chunk 0 is fine
+    assert torch.equal(fresh.rows(torch.tensor([5, 4])), want.flip(0))
+    assert f"warning: patch-token cache {path} is corrupt (chunk 1" in capsys.readouterr().err

@@ -7,14 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
 
 
 class BadFile(Exception):
@@ -38,11 +39,12 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """-> (tensors, metadata); BadFile unless the file loads and matches its checksum."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
+    try:  # one read: metadata and tensors from the same bytes, even while a writer replaces the file
+        raw = path.read_bytes()
+        (header_len,) = struct.unpack("<Q", raw[:8])
+        meta = json.loads(raw[8:8 + header_len]).get("__metadata__") or {}
+        tensors = load(raw)
+    except (SafetensorError, OSError, ValueError, struct.error, AttributeError) as err:
         raise BadFile(f"unreadable: {err}") from None
     if "sha256" not in meta:
         raise BadFile("no checksum")

@@ -62,6 +62,8 @@ class FedOTP(Method):
     def target_model(self, shared: Tensors, uploads: list[Tensors]) -> Tensors:
         if self.cfg.target_mode == "global_only":
             return {"global": shared["global"]}
+        if self.cfg.target_mode == "global_plus_init":  # every client's init is the same tensor
+            return {"global": shared["global"], "local": uploads[0]["local"]}
         locals_ = torch.stack([u["local"] for u in uploads])
         if self.cfg.target_mode == "source_ensemble":
             return {"global": shared["global"], "locals": locals_}

@@ -157,3 +157,13 @@ def test_both_engines_give_the_same_results_with_sampled_skewed_clients(workspac
     assert rounds[0] == rounds[1] and all(r["dropped"] for r in rounds[0])
     assert _results(tmp_path / "flower" / "results.json")[0]["clients"] == \
         [c.name for c in workspace.clients(TARGET, SEED)]
+
+
+def test_the_dry_run_shows_the_clients_and_refuses_a_split_too_fine():
+    from trip.plan import format_plan, make_plan
+
+    cfg = parse_config({**CONFIG, "federation": {"clients_per_domain": 4, "fraction": 0.5}})
+    out = format_plan(make_plan(cfg))
+    assert "12 clients per run" in out and "4 per source domain (iid" in out and "cartoon 4 × 15–15/15–15" in out
+    with pytest.raises(TripError, match="too few for 40 clients"):
+        make_plan(parse_config({**CONFIG, "federation": {"clients_per_domain": 40, "min_client_size": 4}}))

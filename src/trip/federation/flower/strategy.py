@@ -201,7 +201,7 @@ class TripStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = []
         for msg in replies:
-            node_id, index = self._sent.get(msg.metadata.reply_to_message_id, (msg.metadata.src_node_id, None))
+            node_id, index = self._sent.get(msg.metadata.reply_to_message_id, self._only_client(msg))
             try:
                 if index is None:
                     raise UpdateRefused("the reply answers no train message of this round")
@@ -211,7 +211,7 @@ class TripStrategy(Strategy):
                 continue
             accepted.append(Accepted(index, self.clients[index], reply.params, reply.num_examples, reply.loss,
                                      reply.upload))
-        required = min(self.spec.min_clients, self.round_state["asked"])
+        required = min(self.spec.min_clients, self.round_state.get("asked", len(self.clients)))
         if len(accepted) < required:
             raise TripError(f"round {server_round - 1}: {len(accepted)} valid client updates, fewer than the "
                             f"{required} required (min-clients); failures: {self.round_state['failed']}")
@@ -274,6 +274,12 @@ class TripStrategy(Strategy):
         if config is None or "client" not in config:
             return None
         return self.spec.client_index(self.peers[msg.metadata.dst_node_id].domain, int(config["client"]))
+
+    def _only_client(self, msg: Message) -> tuple[int, int | None]:
+        """A reply to no message this strategy sent: the sender's client, where its domain has just one."""
+        peer = self.peers.get(msg.metadata.src_node_id)
+        one = peer is not None and peer.domain in self.node_of and self.spec.cfg.federation.clients_per_domain == 1
+        return msg.metadata.src_node_id, self.spec.client_index(peer.domain, 0) if one else None
 
     def _fail(self, node_id: int, index: int | None, why: str) -> None:
         """`index`: the client the failure is about (None: the node's evaluation)."""

@@ -64,7 +64,7 @@ def _cfg(root, **train):
 def test_clients_weigh_the_images_they_hold_or_their_train_split(uneven_pacs):
     ws = prepare(_cfg(uneven_pacs))
     clients = ws.clients("photo", seed=42)
-    assert [c.weight for c in clients] == [len(ws.domains[c.domain]) for c in clients] == [7, 14, 28]
+    assert [c.weight for c in clients] == [len(ws.domains[c.name]) for c in clients] == [7, 14, 28]
     ws.cfg = _cfg(uneven_pacs, fedavg_weight="train")
     assert [c.weight for c in ws.clients("photo", seed=42)] == [len(c.train) for c in clients] == [5, 11, 22]
 

@@ -112,7 +112,7 @@ def test_update_with_nans_is_refused_named_and_the_rest_aggregated(cfg, workspac
     with caplog.at_level("WARNING", logger="flwr"):
         arrays, _ = strategy.aggregate_train(1, replies)
     assert torch.equal(from_record(arrays)["experts"], fedavg(good, sizes)["experts"])
-    assert [a.domain for a in strategy.round_state["accepted"]] == spec.sources[:2]
+    assert [a.name for a in strategy.round_state["accepted"]] == spec.sources[:2]
     assert "non-finite" in strategy.round_state["failed"][spec.sources[2]]
     assert f"node 12 ({spec.sources[2]}) left out" in caplog.text
 

@@ -63,6 +63,17 @@ class TrainCfg(_Strict):
     fedavg_weight: Literal["images", "train"] = "images"
 
 
+class FederationCfg(_Strict):
+    """Who the clients are and who takes part in a round (docs/federation.md)."""
+
+    clients_per_domain: int = Field(1, ge=1)  # K: each source domain is split into K clients
+    partition: Literal["iid", "dirichlet"] = "iid"  # how a domain's images are dealt to its K clients
+    dirichlet_alpha: float = Field(0.5, gt=0)  # label skew of `dirichlet`: smaller is more skewed
+    min_client_size: int = Field(5, ge=2)  # images a client must hold; a split that cannot give them is refused
+    fraction: float = Field(1.0, gt=0, le=1)  # clients sampled per round (at least one)
+    drop_rate: float = Field(0.0, ge=0, lt=1)  # chance that a sampled client fails to report
+
+
 class OptimizerCfg(_Strict):
     """A method's own optimizer. Unset fields fall back to `train`'s; its lr follows train's per-round
     schedule (round r trains with lr * train.lr_decay**r)."""
@@ -204,6 +215,7 @@ class ExperimentCfg(_Strict):
     backbone: BackboneCfg = Field(default_factory=BackboneCfg)
     data: DataCfg = Field(default_factory=DataCfg)
     train: TrainCfg = Field(default_factory=TrainCfg)
+    federation: FederationCfg = Field(default_factory=FederationCfg)
     methods: list[MethodCfg] = Field(min_length=1)
 
     @field_validator("seeds")

@@ -17,6 +17,7 @@ from trip.checkpoint import RunCheckpoints, run_key
 from trip.config import ExperimentCfg, dump_config
 from trip.errors import TripError
 from trip.federation.inprocess import FederationResult, RoundLogger, run_federation
+from trip.federation.partition import client_names
 from trip.federation.rounds import select_round, selection_model
 from trip.methods.base import Method
 from trip.run_lock import LOCK_FILE, run_folder_lock
@@ -49,7 +50,7 @@ def _in_process(ws: Workspace, out: Path) -> Federate:
         checkpoints = RunCheckpoints(out / "checkpoints" / run_key(method.label, target, seed))
         state = checkpoints.latest() if method.trainable else None
         return run_federation(method, ws.clients(target, seed), ws.target(target), ws.cfg.train, seed, log,
-                              resume=state, on_round=checkpoints.save)
+                              federation=ws.cfg.federation, resume=state, on_round=checkpoints.save)
 
     return federate
 
@@ -57,6 +58,7 @@ def _in_process(ws: Workspace, out: Path) -> Federate:
 def _run_all(ws: Workspace, out: Path, runs: list[dict], federate: Federate) -> list[dict]:
     cfg = ws.cfg
     done = {(r["method"], r["target"], r["seed"]) for r in runs}
+    _write_clients(ws, out)
     with (out / "rounds.jsonl").open("a") as rounds_file:
         for seed in cfg.seeds:
             for method in ws.methods:
@@ -70,6 +72,14 @@ def _run_all(ws: Workspace, out: Path, runs: list[dict], federate: Federate) -> 
 
     viz.write_run_figures(out)
     return runs
+
+
+def _write_clients(ws: Workspace, out: Path) -> None:
+    """clients.json: per seed, each source client's train and validation images (the same for every target)."""
+    targets = targets_of(ws.cfg, ws.dataset)
+    sources = [d for d in ws.dataset.domains if any(t != d for t in targets)]
+    doc = {str(seed): ws.client_lists(seed, sources) for seed in ws.cfg.seeds}
+    (out / "clients.json").write_text(results.strict_json(doc))
 
 
 def _claim_run_folder(cfg: ExperimentCfg, out: Path, resume: bool) -> list[dict]:
@@ -180,6 +190,7 @@ def _run_one(ws: Workspace, method: Method, target: str, seed: int, rounds_file,
     return {**key, **chosen, "comm_params_per_round": method.comm_params,
             "comm_bytes_per_round": 4 * method.comm_params, "comm_upload_once_params": method.upload_params,
             "rounds": len(result.history),
-            "clients": sources, "time_s": round(time.perf_counter() - start, 2),
+            "clients": [c for d in sources for c in client_names(d, cfg.federation.clients_per_domain)],
+            "time_s": round(time.perf_counter() - start, 2),
             "method_name": method.cfg.name}
 

@@ -15,6 +15,7 @@ from trip.data.datasets import DatasetSpec, dataset_root, get_dataset
 from trip.data.folder import Domain, split_indices, subsample
 from trip.data.loading import scan_domains
 from trip.errors import TripError
+from trip.federation.partition import partition
 from trip.methods import comm_params, upload_params
 from trip.results import text_table
 from trip.tinyclip import TINY_CFG
@@ -28,6 +29,7 @@ class DomainPlan:
     images: int  # after data.max_images_per_domain
     train: int
     val: int
+    clients: list[tuple[int, int]]  # each client's (train, val) images, for the config's first seed
 
 
 @dataclass
@@ -54,7 +56,7 @@ def make_plan(cfg: ExperimentCfg) -> Plan:
     widths = backbone_widths(cfg.backbone)
     weights = describe_weights(cfg.backbone)
     spec, where, labels, warnings = _scan(cfg, spec)
-    domains = {d: _split_sizes(len(lab), cfg.data.val_fraction) for d, lab in labels.items()}
+    domains = {d: _split_sizes(cfg, lab, list(spec.domains).index(d), d) for d, lab in labels.items()}
     warnings += [f"{d}: {n} of {len(spec.classes)} classes have no images" for d, lab in labels.items()
                  if (n := int((np.bincount(lab, minlength=len(spec.classes)) == 0).sum()))]
     warnings += split_problems(cfg, spec, {d: p.images for d, p in domains.items()})
@@ -106,14 +108,18 @@ def _scan(cfg: ExperimentCfg, spec: DatasetSpec) -> tuple[DatasetSpec, str, dict
     return spec, str(root), {d: dom.labels for d, dom in domains.items()}, warnings
 
 
-def _split_sizes(n: int, val_fraction: float) -> DomainPlan:
-    train, val = split_indices(n, val_fraction, seed=0)  # the sizes do not depend on the seed
-    return DomainPlan(n, len(train), len(val))
+def _split_sizes(cfg: ExperimentCfg, labels: np.ndarray, domain_idx: int, domain: str) -> DomainPlan:
+    """The split sizes do not depend on the seed; a Dirichlet partition's client sizes do (the first seed's)."""
+    vf = cfg.data.val_fraction
+    train, val = split_indices(len(labels), vf, seed=0)
+    clients = [tuple(len(part) for part in split_indices(len(idx), vf, seed=0))
+               for idx in partition(labels, cfg.federation, cfg.seeds[0], domain_idx, domain)]
+    return DomainPlan(len(labels), len(train), len(val), clients)
 
 
 def format_plan(plan: Plan) -> str:
     cfg, spec = plan.cfg, plan.dataset
-    t = cfg.train
+    t, f = cfg.train, cfg.federation
     domains = [[d, f"{p.images:,}", f"{p.train:,}", f"{p.val:,}"] for d, p in plan.domains.items()]
     methods = [[label, f"{n:,}", f"{4 * n:,}", f"{plan.uploads[label]:,}"] for label, n in plan.params.items()]
     lines = [
@@ -126,8 +132,9 @@ def format_plan(plan: Plan) -> str:
         _indent(text_table(["domain", "images", "train", "val"], domains)),
         "",
         f"runs      {len(cfg.seeds)} seed(s) {cfg.seeds} × {len(cfg.methods)} method(s) × {len(plan.targets)} "
-        f"held-out domain(s) = {plan.runs} runs; {len(spec.domains) - 1} clients per run; {t.rounds} rounds × "
-        f"{t.local_epochs} local epoch(s), batch {t.batch_size}",
+        f"held-out domain(s) = {plan.runs} runs; {(len(spec.domains) - 1) * f.clients_per_domain} clients per run; "
+        f"{t.rounds} rounds × {t.local_epochs} local epoch(s), batch {t.batch_size}",
+        f"clients   {_federation(cfg)}",
         "",
         _held_out_table(plan),
         "",
@@ -145,9 +152,25 @@ def _held_out_table(plan: Plan) -> str:
     width = max(len("held out"), *map(len, plan.targets))
     lines = [f"{'held out':<{width}}  target images  clients (train/val images)"]
     for target in plan.targets:
-        clients = ", ".join(f"{d} {p.train:,}/{p.val:,}" for d, p in plan.domains.items() if d != target)
+        clients = ", ".join(f"{d} {_client_sizes(p)}" for d, p in plan.domains.items() if d != target)
         lines.append(f"{target:<{width}}  {plan.domains[target].images:>13,}  {clients}")
     return _indent("\n".join(lines))
+
+
+def _client_sizes(p: DomainPlan) -> str:
+    if len(p.clients) == 1:
+        return f"{p.train:,}/{p.val:,}"
+    (t_lo, v_lo), (t_hi, v_hi) = (tuple(fn(c[i] for c in p.clients) for i in (0, 1)) for fn in (min, max))
+    return f"{len(p.clients)} × {t_lo}–{t_hi}/{v_lo}–{v_hi}"
+
+
+def _federation(cfg: ExperimentCfg) -> str:
+    f = cfg.federation
+    split = "the whole domain" if f.clients_per_domain == 1 else \
+        f"{f.partition}" + (f" (alpha {f.dirichlet_alpha:g})" if f.partition == "dirichlet" else "") + \
+        f", at least {f.min_client_size} images each"
+    return (f"{f.clients_per_domain} per source domain ({split}); fraction {f.fraction:g} sampled per round, "
+            f"drop rate {f.drop_rate:g}")
 
 
 def _indent(text: str) -> str:

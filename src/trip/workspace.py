@@ -8,6 +8,7 @@ import itertools
 from dataclasses import dataclass, field
 from functools import reduce
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -18,6 +19,7 @@ from trip.data.folder import Domain, split_indices
 from trip.data.loading import load_domains
 from trip.errors import TripError
 from trip.features import DomainFeatures, FrozenStore, Inputs
+from trip.federation.partition import client_names, partition
 from trip.federation.rounds import Client
 from trip.methods import build_method
 from trip.methods.base import Method, PatchRows, Split
@@ -56,13 +58,37 @@ class Workspace:
         return Split(torch.as_tensor(self.domains[domain].labels[index]).to(dev), views, dev)
 
     def clients(self, target: str, seed: int) -> list[Client]:
-        return [self.client(name, seed) for name in self.dataset.domains if name != target]
+        """Every source client of the run, in canonical order (domain order, then client number)."""
+        return [c for d in self.dataset.domains if d != target for c in self.domain_clients(d, seed)]
 
-    def client(self, name: str, seed: int) -> Client:
-        held = len(self.domains[name])
-        train_idx, val_idx = split_indices(held, self.cfg.data.val_fraction, seed)
-        weight = held if self.cfg.train.fedavg_weight == "images" else len(train_idx)
-        return Client(name, self.split(name, train_idx), self.split(name, val_idx), weight)
+    def domain_clients(self, domain: str, seed: int) -> list[Client]:
+        """The domain's clients (federation.clients_per_domain), each with its own seeded train/val split."""
+        return [self._client(domain, name, idx, seed) for name, idx in self.client_images(domain, seed).items()]
+
+    def client_images(self, domain: str, seed: int) -> dict[str, np.ndarray]:
+        """Client name -> the indices of its images in the domain."""
+        fed = self.cfg.federation
+        parts = partition(self.domains[domain].labels, fed, seed, list(self.dataset.domains).index(domain), domain)
+        return dict(zip(client_names(domain, fed.clients_per_domain), parts, strict=True))
+
+    def client_lists(self, seed: int, domains: list[str]) -> dict[str, dict[str, list[str]]]:
+        """Client name -> its train and validation image paths (what clients.json records)."""
+        vf, out = self.cfg.data.val_fraction, {}
+        for d in domains:
+            paths = self.domains[d].paths
+            for name, idx in self.client_images(d, seed).items():
+                train, val = (idx[part] for part in split_indices(len(idx), vf, seed))
+                out[name] = {"train": [paths[i] for i in train], "val": [paths[i] for i in val]}
+        return out
+
+    def _client(self, domain: str, name: str, idx: np.ndarray, seed: int) -> Client:
+        train_pos, val_pos = split_indices(len(idx), self.cfg.data.val_fraction, seed)
+        if not len(train_pos) or not len(val_pos):
+            raise TripError(f"client {name} holds {len(idx)} images, which split into {len(train_pos)} train / "
+                            f"{len(val_pos)} validation (data.val_fraction {self.cfg.data.val_fraction}): raise "
+                            f"federation.min_client_size so that each client gets both")
+        weight = len(idx) if self.cfg.train.fedavg_weight == "images" else len(train_pos)
+        return Client(name, self.split(domain, idx[train_pos]), self.split(domain, idx[val_pos]), weight)
 
     def target(self, name: str) -> Split:
         return self.split(name, list(range(len(self.domains[name]))))

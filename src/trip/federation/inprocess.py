@@ -1,4 +1,4 @@
-"""The in-process engine: one machine, source clients in turn, every round, as `trip.federation.rounds` says.
+"""The in-process engine: one machine, the round's clients in turn, as `trip.federation.rounds` says.
 It keeps each client's private tensors between rounds and in its checkpoints."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from trip.checkpoint import FederationState
-from trip.config import TrainCfg
+from trip.config import FederationCfg, TrainCfg
 from trip.federation.client import NonFiniteError, client_update
-from trip.federation.rounds import Accepted, Client, Server, evaluate, round_lr, round_record, round_seed
+from trip.federation.rounds import Accepted, Client, Server, evaluate, participation, round_lr, round_record, round_seed
 from trip.methods.base import Method, Split
 
 RoundLogger = Callable[[dict], None]
@@ -24,7 +24,7 @@ class FederationResult:
 
 
 def run_federation(method: Method, clients: list[Client], target: Split, train: TrainCfg, seed: int,
-                   log: RoundLogger, *, resume: FederationState | None = None,
+                   log: RoundLogger, *, federation: FederationCfg | None = None, resume: FederationState | None = None,
                    on_round: Callable[[FederationState], None] | None = None) -> FederationResult:
     """All rounds, or those after `resume`; `on_round` gets the state after each (for checkpoints)."""
     server = Server(method, train, seed, len(clients))
@@ -36,23 +36,27 @@ def run_federation(method: Method, clients: list[Client], target: Split, train: 
     if resume is not None:
         privates = resume.privates or privates  # a checkpoint of a method without private state may hold none
         server.restore(resume, privates)
+    federation = federation or FederationCfg()
     for r in range(server.next_round, train.rounds):
         start = time.perf_counter()
         lr = round_lr(train, r)
         accepted, failed = [], {}
-        for i, c in enumerate(clients):
+        taking_part = participation(federation, seed, r, len(clients))
+        for i in taking_part.reporting:
+            c = clients[i]
             try:
                 u = client_update(method, server.params, c.train, train, lr, round_seed(seed, r, i),
-                                  private=privates[i], where=f"client {c.domain}, round {r}")
+                                  private=privates[i], where=f"client {c.name}, round {r}")
             except NonFiniteError as err:
                 print(f"warning: {err}", file=sys.stderr)
-                failed[c.domain] = str(err)
+                failed[c.name] = str(err)
                 continue
             privates[i] = u.private
-            accepted.append(Accepted(i, c.domain, u.params, c.weight, u.loss, method.target_upload(u.private)))
+            accepted.append(Accepted(i, c.name, u.params, c.weight, u.loss, method.target_upload(u.private)))
         server.aggregate(r, accepted, failed)
         ev = evaluate(method, server.models(), clients, target)
-        record = round_record(r, lr, accepted, failed, ev, time.perf_counter() - start)
+        record = round_record(r, lr, taking_part.names([c.name for c in clients]), accepted, failed, ev,
+                              time.perf_counter() - start)
         server.log(record)
         log(record)
         if on_round is not None:

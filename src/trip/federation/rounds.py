@@ -2,20 +2,25 @@
 two cannot drift: the lr schedule, the clients' seeds, the aggregation (the method's), the BMA, the deployed
 models, the round record, evaluation and round selection.
 
-A round r: every source client trains from the global tensors with lr(r) and its seed (client index order),
-keeps its private tensors and returns the shared ones with its upload for the target (`Method.target_upload`);
-the server averages the accepted updates in client-index order with the method's weights, updates the BMA, and
+A round r: the clients that take part (`participation`: a seeded sample of `federation.fraction` of them, less
+the seeded `federation.drop_rate` drops; every client when both are off) train from the global tensors with lr(r)
+and their seeds (client index order), keep their private tensors and return the shared ones with their upload for
+the target (`Method.target_upload`); the server averages the accepted updates in client-index order with the
+method's weights (a round in which every sampled client dropped keeps the global tensors), updates the BMA, and
 evaluates the deployed models (`Method.target_model` of the server and BMA tensors with the latest uploads) on
-every source's validation split and on the held-out domain. The round is selected by mean source-validation
-accuracy of the deployed BMA (else server) model: the model that would be deployed on the target."""
+every source client's validation split and on the held-out domain. The round is selected by mean
+source-validation accuracy of the deployed BMA (else server) model: the model that would be deployed on the
+target."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from trip.checkpoint import FederationState
-from trip.config import TrainCfg
+from trip.config import FederationCfg, TrainCfg
 from trip.errors import TripError
 from trip.federation.client import accuracy
 from trip.federation.server import BMA, fedavg
@@ -24,7 +29,7 @@ from trip.methods.base import Method, Split, Tensors
 
 @dataclass
 class Client:
-    domain: str
+    name: str  # the domain (one client per domain), else "<domain>/<k>"
     train: Split
     val: Split
     weight: int  # FedAvg weight: the images the client holds, or its train split (train.fedavg_weight)
@@ -34,8 +39,8 @@ class Client:
 class Accepted:
     """A client's update that the server aggregates."""
 
-    index: int  # the client's index among the run's source domains (canonical order)
-    domain: str
+    index: int  # the client's index among the run's source clients (canonical order)
+    name: str
     params: Tensors  # the shared tensors after local training
     weight: int
     loss: float
@@ -49,6 +54,32 @@ def round_lr(train: TrainCfg, r: int) -> float:
 def round_seed(seed: int, round_idx: int, client_idx: int) -> int:
     """Seeds a client's batch order in a round: independent of the engine and of other clients."""
     return (seed * 1_000_003 + round_idx * 10_007 + client_idx) % (2**63)
+
+
+@dataclass(frozen=True)
+class Participation:
+    """Who takes part in a round, by client index: the sample, and those of it that fail to report."""
+
+    sampled: list[int]
+    dropped: list[int]
+
+    @property
+    def reporting(self) -> list[int]:
+        return [i for i in self.sampled if i not in self.dropped]
+
+    def names(self, clients: list[str]) -> dict[str, list[str]]:
+        return {"sampled": [clients[i] for i in self.sampled], "dropped": [clients[i] for i in self.dropped]}
+
+
+def participation(fed: FederationCfg, seed: int, round_idx: int, clients: int) -> Participation:
+    """A seeded function of (seed, round) alone, so both engines sample and drop the same clients."""
+    if fed.fraction == 1 and fed.drop_rate == 0:
+        return Participation(list(range(clients)), [])
+    rng = np.random.default_rng([seed, round_idx])
+    size = max(1, int(fed.fraction * clients + 0.5))
+    sampled = sorted(int(i) for i in rng.choice(clients, size=size, replace=False))
+    dropped = [i for i, u in zip(sampled, rng.random(size), strict=True) if u < fed.drop_rate]
+    return Participation(sampled, dropped)
 
 
 def selection_model(method: Method) -> str:
@@ -77,12 +108,14 @@ class Server:
             self.bma.params, self.bma.total = state.bma_params, state.bma_total
 
     def aggregate(self, r: int, accepted: list[Accepted], failed: dict[str, str]) -> None:
-        if not accepted:
+        """No update and no failure (every sampled client dropped): the global tensors stay as they were."""
+        if not accepted and failed:
             raise TripError(f"round {r}: every client failed ({'; '.join(failed.values())}); stopping with the "
                             f"global state of round {r - 1} unchanged")
         accepted = sorted(accepted, key=lambda a: a.index)
         weights = [a.weight for a in accepted] if self.method.aggregation == "weighted" else [1] * len(accepted)
-        self.params = fedavg([a.params for a in accepted], weights)
+        if accepted:
+            self.params = fedavg([a.params for a in accepted], weights)
         if self.bma is not None:
             self.bma.update(self.params, r)
         for a in accepted:
@@ -110,16 +143,18 @@ def eval_record(val: dict[str, dict[str, float]], target: dict[str, float]) -> d
 
 
 def evaluate(method: Method, models: dict[str, Tensors], clients: list[Client], target: Split) -> dict:
-    """Source-validation accuracy per client, their mean, and target accuracy, for each deployed model."""
-    val = {m: {c.domain: accuracy(method, p, c.val) for c in clients} for m, p in models.items()}
+    """Source-validation accuracy per client (every source client, sampled or not), their mean, and target
+    accuracy, for each deployed model."""
+    val = {m: {c.name: accuracy(method, p, c.val) for c in clients} for m, p in models.items()}
     return eval_record(val, {m: accuracy(method, p, target) for m, p in models.items()})
 
 
-def round_record(r: int, lr: float, accepted: list[Accepted], failed: dict[str, str], ev: dict,
-                 seconds: float) -> dict:
+def round_record(r: int, lr: float, taking_part: dict[str, list[str]], accepted: list[Accepted],
+                 failed: dict[str, str], ev: dict, seconds: float) -> dict:
+    """`taking_part`: `Participation.names`; "participants" are the clients whose update was aggregated."""
     accepted = sorted(accepted, key=lambda a: a.index)
-    return {"round": r, "lr": lr, "train_loss": {a.domain: a.loss for a in accepted},
-            "participants": [a.domain for a in accepted], "failed": failed, "eval": ev, "time_s": seconds}
+    return {"round": r, "lr": lr, "train_loss": {a.name: a.loss for a in accepted}, **taking_part,
+            "participants": [a.name for a in accepted], "failed": failed, "eval": ev, "time_s": seconds}
 
 
 def select_round(history: list[dict], model: str) -> dict:

@@ -1,11 +1,12 @@
-"""The ClientApp: a SuperNode holds one domain; it trains the communicated tensors exactly as the in-process
-engine's client (same split, same seed, same client index) and replies with those tensors and its target upload
-only. Its private tensors stay in the node's `context.state` across rounds (as Flower's FedRep and FedBN keep
-theirs), never in a reply.
+"""The ClientApp: a SuperNode holds one domain and serves every client of it (federation.clients_per_domain; one
+process per client would be too many for K = 20). A train message names the client; the node trains it exactly as
+the in-process engine (same images, split, seed and client index) and replies with the shared tensors and the
+client's target upload only. Each client's private tensors stay in the node's `context.state` across rounds (as
+Flower's FedRep and FedBN keep theirs), never in a reply.
 
-Messages: `query` (which domain do you hold?), `train` (arrays + lr, reply: arrays + upload + num-examples) and
-`evaluate` (the deployed server and BMA models, reply: accuracy on the node's validation split, or on its whole
-domain when it holds the held-out one)."""
+Messages: `query` (which domain do you hold?), `train` (arrays + lr + client number, reply: arrays + upload +
+num-examples) and `evaluate` (the deployed server and BMA models, reply: the accuracy on each of the node's
+clients' validation splits, in client order, or on its whole domain when it holds the held-out one)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from trip.federation.rounds import round_seed
 from trip.methods.base import Method, Split, Tensors
 from trip.workspace import Workspace
 
-PRIVATE = "private"  # the context.state record of this client's private tensors
+PRIVATE = "private-{}"  # the context.state record of the private tensors of the domain's client k
 
 app = ClientApp()
 
@@ -46,20 +47,16 @@ class Site:
         ws = node.workspace(spec.cfg, [domain], str(data_root) if data_root else None)
         return cls(spec, domain, ws, node.method_of(ws, spec.method))
 
-    @property
-    def client_idx(self) -> int:
-        return self.spec.sources.index(self.domain)
+    def private(self, context: Context, k: int) -> Tensors:
+        """Client k's private tensors: from the node's state, or their init before its first round."""
+        if PRIVATE.format(k) in context.state.array_records:
+            return from_record(context.state[PRIVATE.format(k)], self.ws.backbone.device)
+        return self.method.init_private(self.spec.seed, self.spec.client_index(self.domain, k), len(self.spec.clients))
 
-    def private(self, context: Context) -> Tensors:
-        """This client's private tensors: from the node's state, or their init before its first round."""
-        if PRIVATE in context.state.array_records:
-            return from_record(context.state[PRIVATE], self.ws.backbone.device)
-        return self.method.init_private(self.spec.seed, self.client_idx, len(self.spec.sources))
-
-    def eval_split(self) -> Split:
+    def eval_splits(self) -> list[Split]:
         if self.domain == self.spec.target:
-            return self.ws.target(self.domain)
-        return self.ws.client(self.domain, self.spec.seed).val
+            return [self.ws.target(self.domain)]
+        return [c.val for c in self.ws.domain_clients(self.domain, self.spec.seed)]
 
 
 @app.query()
@@ -72,13 +69,13 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     site = Site.of(context)
     config = msg.content["config"]
-    r = int(config["server-round"]) - 1
+    r, k = int(config["server-round"]) - 1, int(config.get("client", 0))  # a domain's only client needs no number
     params = from_record(msg.content["arrays"], site.ws.backbone.device)
-    client = site.ws.client(site.domain, site.spec.seed)
+    client = site.ws.domain_clients(site.domain, site.spec.seed)[k]
     update = client_update(site.method, params, client.train, site.spec.cfg.train, float(config["lr"]),
-                           round_seed(site.spec.seed, r, site.client_idx), private=site.private(context),
-                           where=f"client {site.domain}, round {r}")
-    context.state[PRIVATE] = to_record(update.private)
+                           round_seed(site.spec.seed, r, site.spec.client_index(site.domain, k)),
+                           private=site.private(context, k), where=f"client {client.name}, round {r}")
+    context.state[PRIVATE.format(k)] = to_record(update.private)
     metrics = MetricRecord({"num-examples": client.weight, "train-loss": update.loss})
     upload = to_record(site.method.target_upload(update.private))
     return Message(RecordDict({"arrays": to_record(update.params), "upload": upload, "metrics": metrics}),
@@ -88,9 +85,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     site = Site.of(context)
-    split = site.eval_split()
+    splits = site.eval_splits()
     dev = site.ws.backbone.device
-    acc = {name: accuracy(site.method, from_record(msg.content[name], dev), split)
-           for name in MODELS if name in msg.content.array_records}
-    metrics = MetricRecord({**{f"acc-{k}": v for k, v in acc.items()}, "num-examples": len(split)})
+    acc = {name: [accuracy(site.method, params, split) for split in splits]
+           for name in MODELS if name in msg.content.array_records
+           for params in [from_record(msg.content[name], dev)]}
+    metrics = MetricRecord({**{f"acc-{k}": v for k, v in acc.items()}, "num-examples": sum(map(len, splits))})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

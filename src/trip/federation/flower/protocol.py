@@ -16,6 +16,7 @@ from flwr.common.logger import LOGGER_NAME
 from trip.config import SEED_LIMIT, ExperimentCfg, method_label, parse_config
 from trip.data.datasets import get_dataset
 from trip.errors import TripError
+from trip.federation.partition import client_names
 from trip.outputs import write_text
 
 APP_DIR = Path(__file__).parent / "app"  # the Flower App that `flwr run` bundles
@@ -31,7 +32,8 @@ class RunSpec:
     method: str  # a method label of cfg
     target: str
     out_dir: str = ""
-    min_clients: int = 1  # valid updates a round needs (1: as in-process, a round goes on while one is valid)
+    # valid updates a round needs, at most those asked for (1: as in-process, a round goes on while one is valid)
+    min_clients: int = 1
     round_timeout: float = 600.0
     connect_timeout: float = 120.0
 
@@ -39,6 +41,15 @@ class RunSpec:
     def sources(self) -> list[str]:
         """The source domains in canonical order: a client's index in this list seeds its batches."""
         return [d for d in get_dataset(self.cfg.data.name).domains if d != self.target]
+
+    @property
+    def clients(self) -> list[str]:
+        """The source clients in canonical order (`Workspace.clients`): a client's index in it seeds its batches."""
+        return [c for d in self.sources for c in client_names(d, self.cfg.federation.clients_per_domain)]
+
+    def client_index(self, domain: str, k: int) -> int:
+        """The index of the domain's k-th client among the run's clients."""
+        return self.sources.index(domain) * self.cfg.federation.clients_per_domain + k
 
     def run_config(self) -> dict[str, str | int | float]:
         return {"experiment": self.cfg.model_dump_json(), "seed": self.seed, "method": self.method,
@@ -65,8 +76,8 @@ class RunSpec:
             raise TripError(f"run config: method {self.method!r} is not in the experiment ({', '.join(labels)})")
         if not 0 <= self.seed < SEED_LIMIT:
             raise TripError(f"run config: seed {self.seed} is out of range: a seed is an integer from 0 to 2**32 - 1")
-        if not 1 <= self.min_clients <= len(self.sources):
-            raise TripError(f"run config: min-clients must be 1..{len(self.sources)}, got {self.min_clients}")
+        if not 1 <= self.min_clients <= len(self.clients):
+            raise TripError(f"run config: min-clients must be 1..{len(self.clients)}, got {self.min_clients}")
 
 
 def write_run_config(spec: RunSpec, path: Path) -> Path:

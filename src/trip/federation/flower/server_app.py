@@ -74,9 +74,11 @@ def discover(grid: Grid, spec: RunSpec) -> tuple[list[Peer], Peer | None]:
     if twice:
         raise TripError(f"several SuperNodes hold the same domain {twice}: start one SuperNode per domain")
     sources = [Peer(ids[0], d) for d, ids in by_domain.items() if d in spec.sources]
-    if len(sources) < spec.min_clients:
+    held = len(sources) * spec.cfg.federation.clients_per_domain
+    if held < spec.min_clients:
         raise TripError(f"after {spec.connect_timeout:g} s, SuperNodes hold {len(sources)} of the source domains "
-                        f"{spec.sources}, missing {missing}; {spec.min_clients} are required (min-clients)")
+                        f"{spec.sources} ({held} clients), missing {missing}; {spec.min_clients} clients are "
+                        f"required (min-clients)")
     target = by_domain.get(spec.target)
     return sources, Peer(target[0], spec.target) if target else None
 

@@ -1,11 +1,12 @@
 """The Flower strategy of trip: the round protocol of `trip.federation.rounds` over Flower messages.
 
-Per round: the learning rate of the schedule goes to every source node in the train ConfigRecord; the
-replies are checked (names, shapes, dtype, finite values of the shared tensors and of the target upload; a
-refused or failed node is logged by id and domain and left out) and aggregated by the protocol's `Server` (the
-method's weights, client-index order, as in-process); then the deployed server and BMA models are evaluated on
-every source's validation split and on the held-out domain (by the node that holds it, else by the ServerApp
-through `evaluate_fn`)."""
+Per round: the protocol's `participation` names the clients that take part; each gets a train message (to the
+node of its domain, which serves all of that domain's clients: the message names the client) with the learning
+rate of the schedule; the replies are checked (names, shapes, dtype, finite values of the shared tensors and of
+the target upload; a refused or failed client is logged by node id and name and left out) and aggregated by the
+protocol's `Server` (the method's weights, client-index order, as in-process); then the deployed server and BMA
+models are evaluated on every source client's validation split (one message per node, answered for all its
+clients) and on the held-out domain (by the node that holds it, else by the ServerApp through `evaluate_fn`)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from flwr.serverapp.strategy import Result, Strategy
 from trip.errors import TripError
 from trip.federation.flower.polling import Backoff
 from trip.federation.flower.protocol import RunSpec, to_record
-from trip.federation.rounds import Accepted, Server, eval_record, round_lr, round_record
+from trip.federation.partition import client_names
+from trip.federation.rounds import Accepted, Server, eval_record, participation, round_lr, round_record
 from trip.methods.base import Method
 
 RoundLogger = Callable[[dict], None]
@@ -92,12 +94,13 @@ class TripStrategy(Strategy):
     def __init__(self, method: Method, spec: RunSpec, sources: list[Peer], target_peer: Peer | None,
                  on_round: RoundLogger):
         self.method, self.spec, self.on_round = method, spec, on_round
-        self.index = {p.node_id: spec.sources.index(p.domain) for p in sources}
-        self.sources = sorted(sources, key=lambda p: self.index[p.node_id])
+        self.sources = sorted(sources, key=lambda p: spec.sources.index(p.domain))
+        self.node_of = {p.domain: p for p in self.sources}
+        self.clients = spec.clients
         self.target_peer = target_peer
         self.peers = {p.node_id: p for p in [*sources, *([target_peer] if target_peer else [])]}
-        self.server = Server(method, spec.cfg.train, spec.seed, len(spec.sources))
-        self._sent: dict[str, int] = {}  # message id -> destination node
+        self.server = Server(method, spec.cfg.train, spec.seed, len(self.clients))
+        self._sent: dict[str, tuple[int, int | None]] = {}  # message id -> (destination node, client index)
         self.round_state: dict = {"round": 0, "failed": {}}  # the round in progress: its lr, updates, failures
 
     @property
@@ -135,15 +138,15 @@ class TripStrategy(Strategy):
             result.train_metrics_clientapp[server_round] = metrics
             ev = self._evaluate(grid, server_round, evaluate_config, evaluate_fn, timeout)
             state = self.round_state
-            self._record(round_record(state["round"], state["lr"], state["accepted"], state["failed"], ev,
-                                      time.perf_counter() - start))
+            self._record(round_record(state["round"], state["lr"], state["taking_part"], state["accepted"],
+                                      state["failed"], ev, time.perf_counter() - start))
         return result
 
     def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
         """Send; return the replies that came within `timeout` s, as soon as every node has answered."""
         messages = list(messages)
         pending = {i for i in grid.push_messages(messages) if i}
-        self._sent.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages})
+        self._sent.update({m.metadata.message_id: (m.metadata.dst_node_id, self._client_index(m)) for m in messages})
         replies: list[Message] = []
         deadline, wait = time.monotonic() + timeout, Backoff()
         while pending and time.monotonic() < deadline:
@@ -153,7 +156,7 @@ class TripStrategy(Strategy):
             if pending:
                 wait.pause()
         for msg_id in pending:
-            self._fail(self._sent[msg_id], f"no reply within {timeout:g} s")
+            self._fail(*self._sent[msg_id], f"no reply within {timeout:g} s")
         return replies
 
     def _evaluate(self, grid: Grid, server_round: int, config: ConfigRecord | None,
@@ -178,30 +181,40 @@ class TripStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         r = server_round - 1
         lr = round_lr(self.spec.cfg.train, r)
-        self.round_state = {"round": r, "lr": lr, "failed": {}, "accepted": []}
-        content = RecordDict({"arrays": arrays,
-                              "config": ConfigRecord({**config, "server-round": server_round, "lr": lr})})
-        return [self._message(content, p, MessageType.TRAIN, server_round) for p in self._online(grid, self.sources)]
+        taking_part = participation(self.spec.cfg.federation, self.spec.seed, r, len(self.clients))
+        self.round_state = {"round": r, "lr": lr, "failed": {}, "accepted": [],
+                            "taking_part": taking_part.names(self.clients), "asked": len(taking_part.reporting)}
+        online = {p.node_id for p in self._online(grid, self.sources)}
+        messages = []
+        for i in taking_part.reporting:
+            domain, k = self._client_place(i)
+            peer = self.node_of.get(domain)
+            if peer is None or peer.node_id not in online:
+                self._fail(peer.node_id if peer else 0, i, "its node is not connected")
+                continue
+            content = RecordDict({"arrays": arrays, "config": ConfigRecord(
+                {**config, "server-round": server_round, "lr": lr, "client": k})})
+            messages.append(self._message(content, peer, MessageType.TRAIN, server_round))
+        return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = []
         for msg in replies:
-            node_id = self._sender(msg)
+            node_id, index = self._sent.get(msg.metadata.reply_to_message_id, self._only_client(msg))
             try:
-                if node_id not in self.index:
-                    raise UpdateRefused("the node holds no source domain of this run")
-                index = self.index[node_id]
+                if index is None:
+                    raise UpdateRefused("the reply answers no train message of this round")
                 reply = check_train_reply(msg, self.server.params, self.server.uploads[index])
             except UpdateRefused as why:
-                self._fail(node_id, f"update refused: {why}")
+                self._fail(node_id, index, f"update refused: {why}")
                 continue
-            accepted.append(Accepted(index, self.peers[node_id].domain, reply.params, reply.num_examples,
-                                     reply.loss, reply.upload))
-        if len(accepted) < self.spec.min_clients:
+            accepted.append(Accepted(index, self.clients[index], reply.params, reply.num_examples, reply.loss,
+                                     reply.upload))
+        required = min(self.spec.min_clients, self.round_state.get("asked", len(self.clients)))
+        if len(accepted) < required:
             raise TripError(f"round {server_round - 1}: {len(accepted)} valid client updates, fewer than the "
-                            f"{self.spec.min_clients} required (min-clients); failures: "
-                            f"{self.round_state['failed']}")
+                            f"{required} required (min-clients); failures: {self.round_state['failed']}")
         self.server.aggregate(server_round - 1, accepted, self.round_state["failed"])
         self.round_state["accepted"] = accepted
         return to_record(self.server.params), MetricRecord({"num-clients": len(accepted)})
@@ -215,18 +228,23 @@ class TripStrategy(Strategy):
         return [self._message(content, p, MessageType.EVALUATE, server_round) for p in peers]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        acc: dict[str, dict[str, float]] = {}  # domain -> model -> accuracy
+        acc: dict[str, dict[str, float]] = {}  # client (or the held-out domain) -> model -> accuracy
         for msg in replies:
-            node_id = self._sender(msg)
+            node_id, _ = self._sent.get(msg.metadata.reply_to_message_id, (msg.metadata.src_node_id, None))
             if msg.has_error() or "metrics" not in msg.content.metric_records:
-                self._fail(node_id, f"evaluation failed: {msg.error.reason if msg.has_error() else 'no metrics'}")
+                self._fail(node_id, None,
+                           f"evaluation failed: {msg.error.reason if msg.has_error() else 'no metrics'}")
                 continue
-            metrics = msg.content["metrics"]
-            acc[self.peers[node_id].domain] = {m: float(metrics.get(f"acc-{m}", math.nan)) for m in self.models}
-        val_domains = [p.domain for p in self.sources if p.domain in acc]
-        if not val_domains:
+            domain, metrics = self.peers[node_id].domain, msg.content["metrics"]
+            names = [domain] if domain == self.spec.target else \
+                client_names(domain, self.spec.cfg.federation.clients_per_domain)
+            for m in self.models:
+                for name, a in zip(names, metrics.get(f"acc-{m}", [math.nan] * len(names)), strict=True):
+                    acc.setdefault(name, {})[m] = float(a)
+        val_clients = [c for c in self.clients if c in acc]
+        if not val_clients:
             raise TripError(f"round {server_round - 1}: no source node returned its validation accuracy")
-        ev = eval_record({m: {d: acc[d][m] for d in val_domains} for m in self.models},
+        ev = eval_record({m: {c: acc[c][m] for c in val_clients} for m in self.models},
                          {m: a for m, a in acc.get(self.spec.target, {}).items()})
         self.round_state["eval"] = ev
         return MetricRecord({f"val-mean-{m}": ev[m]["val_mean"] for m in ev})
@@ -245,12 +263,28 @@ class TripStrategy(Strategy):
         alive = set(grid.get_node_ids())
         return [p for p in peers if p.node_id in alive]
 
-    def _sender(self, msg: Message) -> int:
-        """The node a reply is about (the SuperLink itself answers for a node that went offline)."""
-        return self._sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+    def _client_place(self, index: int) -> tuple[str, int]:
+        """The domain of the client at `index` and its number there."""
+        k = self.spec.cfg.federation.clients_per_domain
+        return self.spec.sources[index // k], index % k
 
-    def _fail(self, node_id: int, why: str) -> None:
+    def _client_index(self, msg: Message) -> int | None:
+        """The index of the client a train message names (None for other messages)."""
+        config = msg.content.config_records.get("config")
+        if config is None or "client" not in config:
+            return None
+        return self.spec.client_index(self.peers[msg.metadata.dst_node_id].domain, int(config["client"]))
+
+    def _only_client(self, msg: Message) -> tuple[int, int | None]:
+        """A reply to no message this strategy sent: the sender's client, where its domain has just one."""
+        peer = self.peers.get(msg.metadata.src_node_id)
+        one = peer is not None and peer.domain in self.node_of and self.spec.cfg.federation.clients_per_domain == 1
+        return msg.metadata.src_node_id, self.spec.client_index(peer.domain, 0) if one else None
+
+    def _fail(self, node_id: int, index: int | None, why: str) -> None:
+        """`index`: the client the failure is about (None: the node's evaluation)."""
         peer = self.peers.get(node_id)
-        domain = peer.domain if peer else "unknown domain"
-        log(WARNING, "round %s: node %d (%s) left out: %s", self.round_state.get("round", 0), node_id, domain, why)
-        self.round_state["failed"].setdefault(domain, why)
+        who = self.clients[index] if index is not None else peer.domain if peer else "unknown domain"
+        log(WARNING, "round %s: node %d (%s) left out: %s", self.round_state.get("round", 0), node_id, who, why)
+        self.round_state["failed"].setdefault(who, why)
+

@@ -34,6 +34,7 @@ class DataCfg(_Strict):
     targets: list[str] | Literal["all"] = "all"  # held-out domains, one leave-one-out run each
     val_fraction: float = Field(0.2, gt=0, lt=1)
     images_per_class: int = Field(40, ge=2)  # synthetic only
+    shots_per_class: int | None = Field(None, ge=1)  # few-shot: k train images per class per client; None: all
     max_images_per_domain: int | None = Field(None, ge=4)  # subsample (seeded) for smoke tests
     skip_bad_images: bool = False  # True: leave unreadable images out (counted in results.json); False: refuse
     domainnet_splits: Literal["all", "official"] = "all"  # official: only images in <domain>_train/_test.txt

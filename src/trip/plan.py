@@ -15,7 +15,7 @@ from trip.data.datasets import DatasetSpec, dataset_root, get_dataset
 from trip.data.folder import Domain, split_indices, subsample
 from trip.data.loading import scan_domains
 from trip.errors import TripError
-from trip.federation.partition import partition
+from trip.federation.partition import few_shot, partition
 from trip.methods import comm_params, upload_params
 from trip.results import text_table
 from trip.tinyclip import TINY_CFG
@@ -109,11 +109,15 @@ def _scan(cfg: ExperimentCfg, spec: DatasetSpec) -> tuple[DatasetSpec, str, dict
 
 
 def _split_sizes(cfg: ExperimentCfg, labels: np.ndarray, domain_idx: int, domain: str) -> DomainPlan:
-    """The split sizes do not depend on the seed; a Dirichlet partition's client sizes do (the first seed's)."""
-    vf = cfg.data.val_fraction
+    """The split sizes do not depend on the seed; a Dirichlet partition's client sizes and a few-shot client's
+    train size do (the first seed's)."""
+    vf, seed = cfg.data.val_fraction, cfg.seeds[0]
     train, val = split_indices(len(labels), vf, seed=0)
-    clients = [tuple(len(part) for part in split_indices(len(idx), vf, seed=0))
-               for idx in partition(labels, cfg.federation, cfg.seeds[0], domain_idx, domain)]
+    clients = []
+    for client_no, idx in enumerate(partition(labels, cfg.federation, seed, domain_idx, domain)):
+        train_pos, val_pos = split_indices(len(idx), vf, seed)
+        shots = few_shot(labels[idx[train_pos]], cfg.data.shots_per_class, seed, domain_idx, client_no)
+        clients.append((len(shots), len(val_pos)))
     return DomainPlan(len(labels), len(train), len(val), clients)
 
 
@@ -135,6 +139,8 @@ def format_plan(plan: Plan) -> str:
         f"held-out domain(s) = {plan.runs} runs; {(len(spec.domains) - 1) * f.clients_per_domain} clients per run; "
         f"{t.rounds} rounds × {t.local_epochs} local epoch(s), batch {t.batch_size}",
         f"clients   {_federation(cfg)}",
+        *([f"few-shot  {cfg.data.shots_per_class} train image(s) per class per client (fewer where a class has "
+           f"fewer); validation and held-out sets whole"] if cfg.data.shots_per_class else []),
         "",
         _held_out_table(plan),
         "",
@@ -159,7 +165,7 @@ def _held_out_table(plan: Plan) -> str:
 
 def _client_sizes(p: DomainPlan) -> str:
     if len(p.clients) == 1:
-        return f"{p.train:,}/{p.val:,}"
+        return f"{p.clients[0][0]:,}/{p.clients[0][1]:,}"
     (t_lo, v_lo), (t_hi, v_hi) = (tuple(fn(c[i] for c in p.clients) for i in (0, 1)) for fn in (min, max))
     return f"{len(p.clients)} × {t_lo}–{t_hi}/{v_lo}–{v_hi}"
 

@@ -59,12 +59,17 @@ class Planned:
         return [(m, t, s) for s in self.seeds for m in self.methods for t in self.targets if (m, t, s) not in done]
 
 
-def table_rows(runs: list[dict], dataset: str | None = None,
-               planned: Planned | None = None) -> tuple[list[str], list[list[str]]]:
-    """Methods × targets (+ average) in %, mean ± std over seeds where there are several. With `dataset`, a
-    method with published numbers (trip.paper) is followed by the paper's row and ours − paper. With `planned`
-    (the run's config), its methods and targets are the rows and columns, and a cell over fewer seeds than
-    planned says so ("(1/3 seeds)"): an unfinished run is never averaged as if complete."""
+# The model-selection rules every entry records (trip.federation.rounds.select_round): entry key -> label.
+SELECTION_RULES = {"acc": "source validation", "acc_last": "last round", "acc_oracle": "test-selected (oracle)"}
+
+
+def table_rows(runs: list[dict], dataset: str | None = None, planned: Planned | None = None,
+               key: str = "acc") -> tuple[list[str], list[list[str]]]:
+    """Methods × targets (+ average) in %, mean ± std over seeds where there are several; `key`: the
+    selection rule's accuracy (SELECTION_RULES). With `dataset`, a method with published numbers (trip.paper) is
+    followed by the paper's row and ours − paper. With `planned` (the run's config), its methods and targets are
+    the rows and columns, and a cell over fewer seeds than planned says so ("(1/3 seeds)"): an unfinished run is
+    never averaged as if complete."""
     targets = planned.targets if planned else list(dict.fromkeys(r["target"] for r in runs))
     methods = planned.methods if planned else list(dict.fromkeys(r["method"] for r in runs))
     seeds_planned = len(planned.seeds) if planned else 0
@@ -72,9 +77,9 @@ def table_rows(runs: list[dict], dataset: str | None = None,
     rows = []
     for m in methods:
         mine = [r for r in runs if r["method"] == m]
-        per_target = [[r["acc"] for r in mine if r["target"] == t] for t in targets]
+        per_target = [[r[key] for r in mine if r["target"] == t] for t in targets]
         seeds = sorted({r["seed"] for r in mine})
-        per_seed_avg = [statistics.fmean(r["acc"] for r in mine if r["seed"] == s) for s in seeds
+        per_seed_avg = [statistics.fmean(r[key] for r in mine if r["seed"] == s) for s in seeds
                         if len({r["target"] for r in mine if r["seed"] == s}) == len(targets)]
         params = f"{mine[0]['comm_params_per_round']:,}" if mine else "—"
         rows.append([m, *(_cell(v, seeds_planned) for v in [*per_target, per_seed_avg]), params])
@@ -130,9 +135,11 @@ def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict]) -> str:
         f"Data set `{cfg.data.name}`, backbone `{cfg.backbone.name}` ({cfg.backbone.pretrained}), "
         f"seeds {cfg.seeds}, methods {labels}.",
         "",
-        "Target accuracy (%) on each held-out domain, at the round with the best mean source-validation "
-        "accuracy (BMA model for TRIP, server model otherwise); params/round = parameters one client "
-        "sends per round (fp32).",
+        "Model selection: source validation. Target accuracy (%) on each held-out domain, at the round with "
+        "the best mean source-validation accuracy (BMA model for TRIP, server model otherwise); params/round = "
+        "parameters one client sends per round (fp32). results.json also holds each run's last-round accuracy "
+        "(`acc_last`) and its test-selected accuracy (`acc_oracle`, an upper bound that looks at the test set); "
+        "`trip report` tables them.",
         "",
         markdown_table(header, rows),
         "",

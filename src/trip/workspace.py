@@ -19,7 +19,7 @@ from trip.data.folder import Domain, split_indices
 from trip.data.loading import load_domains
 from trip.errors import TripError
 from trip.features import DomainFeatures, FrozenStore, Inputs
-from trip.federation.partition import client_names, partition
+from trip.federation.partition import client_names, few_shot, partition
 from trip.federation.rounds import Client
 from trip.methods import build_method
 from trip.methods.base import Method, PatchRows, Split
@@ -63,32 +63,48 @@ class Workspace:
 
     def domain_clients(self, domain: str, seed: int) -> list[Client]:
         """The domain's clients (federation.clients_per_domain), each with its own seeded train/val split."""
-        return [self._client(domain, name, idx, seed) for name, idx in self.client_images(domain, seed).items()]
+        return [self._client(domain, name, *split) for name, split in self.client_splits(domain, seed).items()]
 
     def client_images(self, domain: str, seed: int) -> dict[str, np.ndarray]:
-        """Client name -> the indices of its images in the domain."""
+        """Client name -> the indices of its images in the domain (before data.shots_per_class)."""
         fed = self.cfg.federation
         parts = partition(self.domains[domain].labels, fed, seed, list(self.dataset.domains).index(domain), domain)
         return dict(zip(client_names(domain, fed.clients_per_domain), parts, strict=True))
 
-    def client_lists(self, seed: int, domains: list[str]) -> dict[str, dict[str, list[str]]]:
-        """Client name -> its train and validation image paths (what clients.json records)."""
-        vf, out = self.cfg.data.val_fraction, {}
-        for d in domains:
-            paths = self.domains[d].paths
-            for name, idx in self.client_images(d, seed).items():
-                train, val = (idx[part] for part in split_indices(len(idx), vf, seed))
-                out[name] = {"train": [paths[i] for i in train], "val": [paths[i] for i in val]}
+    def client_splits(self, domain: str, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+        """Client name -> the indices in the domain of its train images (cut to data.shots_per_class) and of its
+        validation images (whole), and the number of images it holds."""
+        vf, labels = self.cfg.data.val_fraction, self.domains[domain].labels
+        domain_idx = list(self.dataset.domains).index(domain)
+        out = {}
+        for client_no, (name, idx) in enumerate(self.client_images(domain, seed).items()):
+            train_pos, val_pos = split_indices(len(idx), vf, seed)
+            if not len(train_pos) or not len(val_pos):
+                raise TripError(f"client {name} holds {len(idx)} images, which split into {len(train_pos)} train / "
+                                f"{len(val_pos)} validation (data.val_fraction {vf}): raise "
+                                f"federation.min_client_size so that each client gets both")
+            train = idx[train_pos]
+            shots = train[few_shot(labels[train], self.cfg.data.shots_per_class, seed, domain_idx, client_no)]
+            out[name] = (shots, idx[val_pos], len(idx) - len(train) + len(shots))
         return out
 
-    def _client(self, domain: str, name: str, idx: np.ndarray, seed: int) -> Client:
-        train_pos, val_pos = split_indices(len(idx), self.cfg.data.val_fraction, seed)
-        if not len(train_pos) or not len(val_pos):
-            raise TripError(f"client {name} holds {len(idx)} images, which split into {len(train_pos)} train / "
-                            f"{len(val_pos)} validation (data.val_fraction {self.cfg.data.val_fraction}): raise "
-                            f"federation.min_client_size so that each client gets both")
-        weight = len(idx) if self.cfg.train.fedavg_weight == "images" else len(train_pos)
-        return Client(name, self.split(domain, idx[train_pos]), self.split(domain, idx[val_pos]), weight)
+    def client_lists(self, seed: int, domains: list[str]) -> dict[str, dict]:
+        """Client name -> its train and validation image paths (what clients.json records); under
+        data.shots_per_class, also the classes of which it keeps fewer than k train images, with their count."""
+        k, out = self.cfg.data.shots_per_class, {}
+        for d in domains:
+            paths, labels = self.domains[d].paths, self.domains[d].labels
+            for name, (train, val, _) in self.client_splits(d, seed).items():
+                out[name] = {"train": [paths[i] for i in train], "val": [paths[i] for i in val]}
+                if k is not None:
+                    counts = np.bincount(labels[train], minlength=len(self.dataset.classes))
+                    out[name]["classes_under_shots"] = {self.dataset.classes[c]: int(n) for c, n in enumerate(counts)
+                                                        if n < k}
+        return out
+
+    def _client(self, domain: str, name: str, train: np.ndarray, val: np.ndarray, images: int) -> Client:
+        weight = images if self.cfg.train.fedavg_weight == "images" else len(train)
+        return Client(name, self.split(domain, train), self.split(domain, val), weight)
 
     def target(self, name: str) -> Split:
         return self.split(name, list(range(len(self.domains[name]))))

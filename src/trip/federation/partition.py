@@ -48,3 +48,14 @@ def _dirichlet(labels: np.ndarray, k: int, alpha: float, rng: np.random.Generato
         for client, share in enumerate(np.split(idx, cuts)):
             parts[client].append(share)
     return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def few_shot(labels: np.ndarray, k: int | None, seed: int, domain_idx: int, client_no: int) -> np.ndarray:
+    """The positions (sorted) of the train images a client keeps under `data.shots_per_class` = k: k of each
+    class, drawn per client and seed; a class with fewer keeps all it has. Grouped by the label itself, not by
+    matching class names in paths as the official code does (docs/method.md §1.2). None: all."""
+    if k is None:
+        return np.arange(len(labels))
+    rng = np.random.default_rng([seed, domain_idx, client_no])
+    kept = [rng.permutation(np.flatnonzero(labels == cls))[:k] for cls in np.unique(labels)]
+    return np.sort(np.concatenate(kept)) if kept else np.arange(0)

@@ -10,7 +10,7 @@ method's weights (a round in which every sampled client dropped keeps the global
 evaluates the deployed models (`Method.target_model` of the server and BMA tensors with the latest uploads) on
 every source client's validation split and on the held-out domain. The round is selected by mean
 source-validation accuracy of the deployed BMA (else server) model: the model that would be deployed on the
-target."""
+target; the last round's and the test-selected ("oracle") accuracies are recorded beside it (`select_round`)."""
 
 from __future__ import annotations
 
@@ -159,10 +159,20 @@ def round_record(r: int, lr: float, taking_part: dict[str, list[str]], accepted:
 
 def select_round(history: list[dict], model: str) -> dict:
     """The round with the best mean source-validation accuracy of `model` (first one on ties, as the
-    official strict `>`), and the target accuracies there."""
+    official strict `>`), and the target accuracies there: the headline rule. Beside it, for `model`, the other
+    two rules DomainBed reports, from the same history: the last round, and the round with the best target
+    accuracy ("oracle": it selects on the test set, so it is an upper bound, never a result; first on ties)."""
     best = max(history, key=lambda h: (h["eval"][model]["val_mean"], -h["round"]))
+    last = max(history, key=lambda h: h["round"])
+    # A round whose target accuracy is missing (NaN: the held-out node did not answer) is never the oracle's.
+    oracle = max(history, key=lambda h: (_or_lowest(h["eval"][model]["target"]), -h["round"]))
     return {"selected_round": best["round"], "selected_on": model,
             "val_mean": best["eval"][model]["val_mean"],
             "acc": best["eval"][model]["target"],
-            **{f"acc_{name}": ev["target"] for name, ev in best["eval"].items()}}
+            **{f"acc_{name}": ev["target"] for name, ev in best["eval"].items()},
+            "last_round": last["round"], "acc_last": last["eval"][model]["target"],
+            "oracle_round": oracle["round"], "acc_oracle": oracle["eval"][model]["target"]}
 
+
+def _or_lowest(acc: float) -> float:
+    return -math.inf if math.isnan(acc) else acc

@@ -87,3 +87,27 @@ def test_sigkilled_flower_run_resumes_to_an_uninterrupted_run(tmp_path):
     a, b = _final_tensors(killed), _final_tensors(tmp_path / "straight")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not any(k.split("/")[1].startswith("private") for k in a), "a private tensor travelled"
+
+
+def test_private_store_gives_a_clients_newest_round_before_the_asked_one_and_keeps_three(tmp_path):
+    from trip.federation.flower.private_store import PrivateStore
+
+    store = PrivateStore.of({"state-dir": str(tmp_path)}, "m", "photo", 2, "sketch")
+    assert PrivateStore.of({}, "m", "photo", 2, "sketch") is None
+    for r in (0, 2, 3, 5):
+        store.save(1, r, {"p": torch.full((2,), float(r))})
+    store.save(0, 4, {"p": torch.zeros(2)})
+    assert sorted(p.name for p in store.folder.iterdir()) == \
+        ["client-0.round-0004.safetensors", *(f"client-1.round-000{r}.safetensors" for r in (2, 3, 5))]
+    assert store.latest_before(1, 5)["p"].tolist() == [3.0, 3.0]  # round 5 may be the killed run's: trained again
+    assert store.latest_before(1, 6)["p"].tolist() == [5.0, 5.0]
+    assert store.latest_before(1, 2) is None and store.latest_before(2, 9) is None
+
+
+def test_checkpoint_keeps_the_clients_uploads(tmp_path):
+    from trip.checkpoint import FederationState
+
+    uploads = [{"offset": torch.ones(3)}, {"offset": torch.full((3,), 2.0)}]
+    RunCheckpoints(tmp_path).save(FederationState(2, {"w": torch.zeros(1)}, None, 0.0, [{"round": 1}], [], uploads))
+    state = RunCheckpoints(tmp_path).latest()
+    assert state.privates == [] and [u["offset"].tolist() for u in state.uploads] == [[1.0] * 3, [2.0] * 3]

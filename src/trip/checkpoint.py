@@ -53,7 +53,8 @@ class RunCheckpoints:
         for i, private in enumerate(state.privates):
             tensors |= {f"private{i}.{k}": v.detach().cpu().contiguous() for k, v in private.items()}
         for i, upload in enumerate(state.uploads):
-            tensors |= {f"upload{i}.{k}": v.detach().cpu().contiguous() for k, v in upload.items()}
+            # an upload may be a private tensor itself (safetensors refuses two names for one memory)
+            tensors |= {f"upload{i}.{k}": v.detach().cpu().clone() for k, v in upload.items()}
         meta = {"next_round": str(state.next_round), "bma_total": repr(state.bma_total),
                 "history": json.dumps(state.history), "clients": str(len(state.privates)),
                 "uploads": str(len(state.uploads))}

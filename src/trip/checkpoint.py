@@ -1,7 +1,8 @@
 """Per-round checkpoints of one federated run: everything needed to continue it exactly (the global and BMA
-tensors, and each client's private tensors), in safetensors (tensors) plus JSON (round, BMA weight sum, the
-per-round history), checksummed and written atomically (`trip.safefile`); the last two are kept, so a file cut
-short by a crash or a full disk leaves the previous one valid. Nothing is ever unpickled."""
+tensors, each client's private tensors where the engine holds them, and its latest target upload), in
+safetensors (tensors) plus JSON (round, BMA weight sum, the per-round history), checksummed and written atomically
+(`trip.safefile`); the last two are kept, so a file cut short by a crash or a full disk leaves the previous one
+valid. Nothing is ever unpickled."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ class FederationState:
     bma_total: float
     history: list[dict]
     privates: list[dict[str, torch.Tensor]] = field(default_factory=list)  # each client's, in client order
+    # each client's latest target upload, in client order: what a Flower server, which never holds the
+    # private tensors, needs to rebuild the deployed models
+    uploads: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
 def run_key(method: str, target: str, seed: int) -> str:
@@ -48,8 +52,12 @@ class RunCheckpoints:
             tensors |= {f"bma.{k}": v.detach().cpu().contiguous() for k, v in state.bma_params.items()}
         for i, private in enumerate(state.privates):
             tensors |= {f"private{i}.{k}": v.detach().cpu().contiguous() for k, v in private.items()}
+        for i, upload in enumerate(state.uploads):
+            # an upload may be a private tensor itself (safetensors refuses two names for one memory)
+            tensors |= {f"upload{i}.{k}": v.detach().cpu().clone() for k, v in upload.items()}
         meta = {"next_round": str(state.next_round), "bma_total": repr(state.bma_total),
-                "history": json.dumps(state.history), "clients": str(len(state.privates))}
+                "history": json.dumps(state.history), "clients": str(len(state.privates)),
+                "uploads": str(len(state.uploads))}
         path = self.folder / f"round-{state.next_round - 1:04d}.safetensors"
         try:
             safefile.write_tensors(path, tensors, meta)
@@ -75,11 +83,13 @@ class RunCheckpoints:
 
 def _load(path: Path) -> FederationState:
     tensors, meta = safefile.read_tensors(path)
-    clients = int(meta.get("clients", "0"))
-    split = {"server": {}, "bma": {}, **{f"private{i}": {} for i in range(clients)}}
+    clients, uploads = int(meta.get("clients", "0")), int(meta.get("uploads", "0"))
+    split = {"server": {}, "bma": {}, **{f"private{i}": {} for i in range(clients)},
+             **{f"upload{i}": {} for i in range(uploads)}}
     for name, value in tensors.items():
         kind, _, key = name.partition(".")
         split[kind][key] = value
     return FederationState(int(meta["next_round"]), split["server"], split["bma"] or None,
                            float(meta["bma_total"]), json.loads(meta["history"]),
-                           [split[f"private{i}"] for i in range(clients)])
+                           [split[f"private{i}"] for i in range(clients)],
+                           [split[f"upload{i}"] for i in range(uploads)])

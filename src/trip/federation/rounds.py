@@ -103,7 +103,8 @@ class Server:
 
     def restore(self, state: FederationState, privates: list[Tensors]) -> None:
         self.params, self.history, self.next_round = state.params, list(state.history), state.next_round
-        self.uploads = [self.method.target_upload(p) for p in privates]
+        if state.uploads or privates:  # a checkpoint of an older trip holds no uploads
+            self.uploads = list(state.uploads) or [self.method.target_upload(p) for p in privates]
         if self.bma is not None:
             self.bma.params, self.bma.total = state.bma_params, state.bma_total
 
@@ -133,7 +134,7 @@ class Server:
     def state(self, privates: list[Tensors]) -> FederationState:
         bma = self.bma
         return FederationState(self.next_round, self.params, bma.params if bma else None, bma.total if bma else 0.0,
-                               self.history, privates)
+                               self.history, privates, self.uploads)
 
 
 def eval_record(val: dict[str, dict[str, float]], target: dict[str, float]) -> dict:

@@ -36,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--data-root", type=Path, required=True, help="folder holding the data set folder")
     node.add_argument("--dataset", help="the data set this site holds (runs on another one are refused)")
     node.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode Runtime API")
+    node.add_argument("--state-dir", type=Path, help="where this site keeps its clients' private tensors so that a "
+                                                     "run resumes (default: <data-root>/.trip-state)")
     node.set_defaults(func=_supernode)
 
     worker = cmds.add_parser("worker", help="run the ClientApp tasks of a SuperNode (or the ServerApp tasks of a "
@@ -63,6 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rc.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for a round's replies")
     rc.add_argument("--connect-timeout", type=float, default=120.0,
                     help="seconds to wait at start for a SuperNode of every source domain")
+    rc.add_argument("--checkpoint-dir", default="", help="where the ServerApp checkpoints each round and resumes "
+                                                         "from (SuperLink machine; default: no checkpoints)")
     rc.add_argument("-o", "--output", type=Path, default=Path("run.toml"))
     rc.set_defaults(func=_run_config)
 
@@ -87,7 +91,8 @@ def _supernode(args: argparse.Namespace) -> int:
     from trip.federation.flower.local import FLOWER_ENV, spawn, supernode_command, terminate, trip_worker
 
     _check_site(args.data_root, args.dataset, args.domain)
-    node_config = f'domain="{args.domain}" data-root="{args.data_root.resolve()}"'
+    state_dir = (args.state_dir or args.data_root / ".trip-state").resolve()
+    node_config = f'domain="{args.domain}" data-root="{args.data_root.resolve()}" state-dir="{state_dir}"'
     if args.dataset:
         node_config += f' dataset="{args.dataset}"'
     supernode = supernode_command(args.superlink, args.runtime_port, node_config, (args.ca, args.key))
@@ -151,7 +156,7 @@ def _run_config(args: argparse.Namespace) -> int:
     method = args.method or method_label(cfg.methods[0])
     seed = cfg.seeds[0] if args.seed is None else args.seed
     spec = RunSpec(cfg, seed, method, args.target, args.out_dir, args.min_clients, args.round_timeout,
-                   args.connect_timeout)
+                   args.connect_timeout, args.checkpoint_dir)
     path = write_run_config(spec, args.output)
     print(f"wrote {path}; start the run with:\n  flwr run {APP_DIR} <connection> --run-config {path} --stream\n"
           f"then `trip flower wait <run-id> <connection>` exits non-zero unless it completed")

@@ -2,7 +2,7 @@
 process per client would be too many for K = 20). A train message names the client; the node trains it exactly as
 the in-process engine (same images, split, seed and client index) and replies with the shared tensors and the
 client's target upload only. Each client's private tensors stay in the node's `context.state` across rounds (as
-Flower's FedRep and FedBN keep theirs), never in a reply.
+Flower's FedRep and FedBN keep theirs), never in a reply, and in its `PrivateStore` (for a resumed run).
 
 Messages: `query` (which domain do you hold?), `train` (arrays + lr + client number, reply: arrays + upload +
 num-examples) and `evaluate` (the deployed server and BMA models, reply: the accuracy on each of the node's
@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from trip.federation.client import accuracy, client_update
 from trip.federation.flower import node
+from trip.federation.flower.private_store import PrivateStore
 from trip.federation.flower.protocol import MODELS, RunSpec, from_record, node_domain, to_record
 from trip.federation.rounds import round_seed
 from trip.methods.base import Method, Split, Tensors
@@ -35,6 +36,7 @@ class Site:
     domain: str
     ws: Workspace
     method: Method
+    store: PrivateStore | None
 
     @classmethod
     def of(cls, context: Context) -> Site:
@@ -45,13 +47,23 @@ class Site:
             declared = context.node_config.get("dataset")
             node.check_site_data(spec.cfg, str(data_root), None if declared is None else str(declared))
         ws = node.workspace(spec.cfg, [domain], str(data_root) if data_root else None)
-        return cls(spec, domain, ws, node.method_of(ws, spec.method))
+        store = PrivateStore.of(context.node_config, spec.method, spec.target, spec.seed, domain)
+        return cls(spec, domain, ws, node.method_of(ws, spec.method), store)
 
-    def private(self, context: Context, k: int) -> Tensors:
-        """Client k's private tensors: from the node's state, or their init before its first round."""
+    def private(self, context: Context, k: int, r: int) -> Tensors:
+        """Client k's private tensors for round r: from the node's state, else (a resumed run) from its store,
+        else their init before its first round."""
         if PRIVATE.format(k) in context.state.array_records:
             return from_record(context.state[PRIVATE.format(k)], self.ws.backbone.device)
+        saved = self.store.latest_before(k, r) if self.store else None
+        if saved is not None:
+            return {name: t.to(self.ws.backbone.device) for name, t in saved.items()}
         return self.method.init_private(self.spec.seed, self.spec.client_index(self.domain, k), len(self.spec.clients))
+
+    def keep_private(self, context: Context, k: int, r: int, private: Tensors) -> None:
+        context.state[PRIVATE.format(k)] = to_record(private)
+        if self.store and private:
+            self.store.save(k, r, private)
 
     def eval_splits(self) -> list[Split]:
         if self.domain == self.spec.target:
@@ -74,8 +86,8 @@ def train(msg: Message, context: Context) -> Message:
     client = site.ws.domain_clients(site.domain, site.spec.seed)[k]
     update = client_update(site.method, params, client.train, site.spec.cfg.train, float(config["lr"]),
                            round_seed(site.spec.seed, r, site.spec.client_index(site.domain, k)),
-                           private=site.private(context, k), where=f"client {client.name}, round {r}")
-    context.state[PRIVATE.format(k)] = to_record(update.private)
+                           private=site.private(context, k, r), where=f"client {client.name}, round {r}")
+    site.keep_private(context, k, r, update.private)
     metrics = MetricRecord({"num-examples": client.weight, "train-loss": update.loss})
     upload = to_record(site.method.target_upload(update.private))
     return Message(RecordDict({"arrays": to_record(update.params), "upload": upload, "metrics": metrics}),

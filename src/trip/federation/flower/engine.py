@@ -2,7 +2,11 @@
 federation: a SuperLink and one SuperNode per source domain on 127.0.0.1 (SuperNode i holds the i-th source
 domain of the run's held-out one: `partition-id=i`). The ServerApp writes each run's rounds and final models
 under <run folder>/flower/<method>-<target>-seed<seed>/; this side forwards the rounds as they come, checks the
-run's status with `flwr list`, and returns what the in-process engine returns."""
+run's status with `flwr list`, and returns what the in-process engine returns.
+
+Resume: the ServerApp checkpoints each round into <run folder>/checkpoints/<run key>/ (the in-process engine's
+files) and continues from the latest one; each SuperNode keeps its clients' private tensors under
+<run folder>/checkpoints/<run key>/node-<domain>/ (`PrivateStore`, node config `state-dir`)."""
 
 from __future__ import annotations
 
@@ -14,9 +18,11 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from trip.checkpoint import RunCheckpoints, run_key
 from trip.config import ExperimentCfg
 from trip.errors import TripError
 from trip.federation.flower.local import LocalFederation
+from trip.federation.flower.private_store import STATE_DIR
 from trip.federation.flower.protocol import RunSpec, write_run_config
 from trip.federation.inprocess import FederationResult, RoundLogger
 from trip.methods.base import Method
@@ -28,25 +34,32 @@ def flower_federation(ws: Workspace, out: Path) -> Iterator[FlowerRuns]:
     """A local federation for the experiment of `ws`, stopped on exit. Prepare `ws` first: the SuperNodes and
     ServerApps then load the frozen features from the cache instead of computing them at once."""
     n = len(ws.dataset.domains) - 1
-    configs = [f"partition-id={i} num-partitions={n}" for i in range(n)]
+    checkpoints = (out / "checkpoints").resolve()
+    configs = [f'partition-id={i} num-partitions={n} {STATE_DIR}="{checkpoints}"' for i in range(n)]
     with LocalFederation(configs, out / "flower" / "logs") as fed:
-        yield FlowerRuns(fed, ws.cfg, out / "flower")
+        yield FlowerRuns(fed, ws.cfg, out / "flower", checkpoints=checkpoints, rounds_log=out / "rounds.jsonl")
 
 
 class FlowerRuns:
     """Called as the in-process engine is: (method, held-out domain, seed, log) -> FederationResult."""
 
-    def __init__(self, fed: LocalFederation, cfg: ExperimentCfg, root: Path, **run_options):
+    def __init__(self, fed: LocalFederation, cfg: ExperimentCfg, root: Path, checkpoints: Path | None = None,
+                 rounds_log: Path | None = None, **run_options):
+        """`checkpoints`: the run folder's checkpoints/ (None: no resume); `rounds_log`: its rounds.jsonl."""
         self.fed, self.cfg, self.root, self.run_options = fed, cfg, root, run_options
+        self.checkpoints, self.rounds_log = checkpoints, rounds_log
 
     def __call__(self, method: Method, target: str, seed: int, log: RoundLogger) -> FederationResult:
         run_dir = (self.root / f"{method.label}-{target}-seed{seed}").resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("rounds.jsonl", "result.json"):
             (run_dir / stale).unlink(missing_ok=True)
-        spec = RunSpec(self.cfg, seed, method.label, target, out_dir=str(run_dir), **self.run_options)
+        folder = self.checkpoints / run_key(method.label, target, seed) if self.checkpoints else None
+        done = self._resumed_rounds(folder, method, target, seed, log) if folder and method.trainable else []
+        spec = RunSpec(self.cfg, seed, method.label, target, out_dir=str(run_dir),
+                       checkpoint_dir=str(folder or ""), **self.run_options)
         run_id = self.fed.submit(write_run_config(spec, run_dir / "run_config.toml"))
-        rounds = RoundTail(run_dir / "rounds.jsonl", log)
+        rounds = RoundTail(run_dir / "rounds.jsonl", log, done)
         status, details = self.fed.wait(run_id, on_tick=rounds.poll)
         if status != "finished:completed":
             raise TripError(f"Flower run {run_id} ({method.label}, held out {target}, seed {seed}) ended "
@@ -54,21 +67,42 @@ class FlowerRuns:
                             f"SuperLink and SuperNode logs: {self.fed.logs}")
         return FederationResult(rounds.records, read_models(run_dir / "models.safetensors"))
 
+    def _resumed_rounds(self, folder: Path, method: Method, target: str, seed: int, log: RoundLogger) -> list[dict]:
+        """The rounds of the checkpoint the ServerApp will continue from; those the killed run's log lacks (it
+        was killed between the checkpoint and the log line) are logged now, so that each round is logged once."""
+        state = RunCheckpoints(folder).latest()
+        if state is None:
+            return []
+        key = {"method": method.label, "target": target, "seed": seed}
+        logged = set()
+        if self.rounds_log and self.rounds_log.is_file():
+            for line in self.rounds_log.read_text().splitlines():
+                rec = json.loads(line)
+                if {k: rec.get(k) for k in key} == key:
+                    logged.add(rec["round"])
+        for record in state.history:
+            if record["round"] not in logged:
+                log(record)
+        return state.history
+
 
 class RoundTail:
     """The records of a rounds.jsonl that the ServerApp is writing, passed on line by line."""
 
-    def __init__(self, path: Path, log: RoundLogger):
+    def __init__(self, path: Path, log: RoundLogger, done: list[dict] | None = None):
+        """`done`: the records of a resumed run's earlier rounds (already logged; the ServerApp writes them first)."""
         self.path, self.log = path, log
-        self.records: list[dict] = []
+        self.records: list[dict] = list(done or [])
+        self.logged = len(self.records)
 
     def poll(self) -> bool:
         """Pass on the new records; True once the ServerApp has written its result (the run is ending)."""
         if self.path.is_file():
             lines = self.path.read_text().split("\n")[:-1]  # complete lines only
-            for line in lines[len(self.records):]:
+            for line in lines[self.logged:]:
                 record = json.loads(line)
                 self.records.append(record)
+                self.logged += 1
                 self.log(record)
         return self.path.with_name("result.json").is_file()
 

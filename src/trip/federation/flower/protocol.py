@@ -36,6 +36,7 @@ class RunSpec:
     min_clients: int = 1
     round_timeout: float = 600.0
     connect_timeout: float = 120.0
+    checkpoint_dir: str = ""  # the server's per-round checkpoints (on the SuperLink's machine); "": none
 
     @property
     def sources(self) -> list[str]:
@@ -54,7 +55,8 @@ class RunSpec:
     def run_config(self) -> dict[str, str | int | float]:
         return {"experiment": self.cfg.model_dump_json(), "seed": self.seed, "method": self.method,
                 "target": self.target, "out-dir": self.out_dir, "min-clients": self.min_clients,
-                "round-timeout": self.round_timeout, "connect-timeout": self.connect_timeout}
+                "round-timeout": self.round_timeout, "connect-timeout": self.connect_timeout,
+                "checkpoint-dir": self.checkpoint_dir}
 
     @classmethod
     def from_run_config(cls, rc: UserConfig) -> RunSpec:
@@ -62,7 +64,8 @@ class RunSpec:
             raise TripError("the run config has no 'experiment': make one with `trip flower run-config`")
         cfg = parse_config(json.loads(str(rc["experiment"])), source="run config 'experiment'")
         spec = cls(cfg, int(rc["seed"]), str(rc["method"]), str(rc["target"]), str(rc["out-dir"]),
-                   int(rc["min-clients"]), float(rc["round-timeout"]), float(rc["connect-timeout"]))
+                   int(rc["min-clients"]), float(rc["round-timeout"]), float(rc["connect-timeout"]),
+                   str(rc.get("checkpoint-dir", "")))
         spec.check()
         return spec
 

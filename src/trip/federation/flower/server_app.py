@@ -2,7 +2,9 @@
 
 It finds which SuperNode holds which domain (a `query` message), runs the rounds with TripStrategy, selects
 the round as the in-process engine does, and writes rounds.jsonl, result.json and models.safetensors to the
-run config's `out-dir` (on the SuperLink's machine)."""
+run config's `out-dir` (on the SuperLink's machine). With a `checkpoint-dir` it writes the in-process engine's
+per-round checkpoint there (server and BMA tensors, the clients' latest uploads, the history; never a private
+tensor) and continues a run from the latest one."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
+from trip.checkpoint import RunCheckpoints
 from trip.errors import TripError
 from trip.federation.client import accuracy
 from trip.federation.flower import node
@@ -35,10 +38,21 @@ def main(grid: Grid, context: Context) -> None:
     ws = node.workspace(spec.cfg, [] if target_peer else [spec.target])
     method = node.method_of(ws, spec.method)
     out = Path(spec.out_dir) if spec.out_dir else None
+    checkpoints = RunCheckpoints(Path(spec.checkpoint_dir)) if spec.checkpoint_dir and method.trainable else None
+    state = checkpoints.latest() if checkpoints else None
+
+    def on_round(record: dict) -> None:
+        _log_round(record, out)
+        if checkpoints:
+            checkpoints.save(strategy.server.state([]))
+
+    strategy = TripStrategy(method, spec, sources, target_peer, on_round=on_round)
+    if state:
+        strategy.server.restore(state, [])
+        log(INFO, "resuming from the checkpoint of round %d in %s", state.next_round - 1, spec.checkpoint_dir)
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "rounds.jsonl").write_text("")
-    strategy = TripStrategy(method, spec, sources, target_peer, on_round=lambda record: _log_round(record, out))
+        (out / "rounds.jsonl").write_text("".join(strict_json(r) + "\n" for r in strategy.history))
 
     def evaluate_target(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         params = from_record(arrays, ws.backbone.device)

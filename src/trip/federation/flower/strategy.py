@@ -131,7 +131,7 @@ class TripStrategy(Strategy):
             ev = self._evaluate(grid, 0, evaluate_config, evaluate_fn, timeout)
             failed = self.round_state["failed"]
             self._record({"round": 0, "eval": ev, **({"failed": failed} if failed else {})})
-        for server_round in range(1, num_rounds + 1):
+        for server_round in range(self.server.next_round + 1, num_rounds + 1):  # a restored server goes on
             start = time.perf_counter()
             messages = self.configure_train(server_round, result.arrays, train_config or ConfigRecord(), grid)
             result.arrays, metrics = self.aggregate_train(server_round, self.exchange(grid, messages, timeout))

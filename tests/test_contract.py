@@ -28,7 +28,8 @@ import contract_method  # noqa: E402  (registers the test-only method)
 SEED, TARGET = 5, "photo"
 METHODS = [{"name": "zeroshot", "templates": "single"}, {"name": "promptfl", "n_ctx": 2},
            {"name": "trip", "num_experts": 2, "n_ctx": 2, "kmeans_iters": 5}, {"name": "trip-lite", "kmeans_iters": 5},
-           {"name": "fedclip"}, {"name": "fedotp", "n_ctx": 2}, {"name": "contract-test"}]
+           {"name": "fedclip"}, {"name": "fedotp", "n_ctx": 2}, {"name": "fedapt", "n_ctx": 2},
+           {"name": "contract-test"}]
 CONFIG = {"name": "contract", "seeds": [SEED], "device": "cpu", "backbone": {"name": "tiny", "pretrained": None},
           "data": {"name": "synthetic", "images_per_class": 3, "targets": [TARGET]},
           "train": {"rounds": 2, "batch_size": 8, "lr": 0.002}, "methods": METHODS}

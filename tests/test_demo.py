@@ -35,7 +35,7 @@ def demo(tmp_path_factory) -> tuple[Path, str]:
 def test_demo_runs_every_method_on_every_held_out_domain(demo):
     out, stdout = demo
     runs = _runs(out)
-    methods = ["zeroshot", "promptfl", "trip", "trip-lite"]
+    methods = ["zeroshot", "promptfl", "trip", "trip-lite", "fedapt"]
     assert {(r["method"], r["target"]) for r in runs} == {(m, d) for m in methods for d in synthetic.DOMAINS}
     assert all(0.0 <= r["acc"] <= 100.0 for r in runs)
     for name in ("config.yaml", "rounds.jsonl", "summary.md"):
@@ -50,7 +50,8 @@ def test_demo_communication_accounting(demo):
     runs = _runs(demo[0])
     comm = {r["method"]: r["comm_params_per_round"] for r in runs}
     width = 64  # the tiny CLIP's text width
-    assert comm == {"zeroshot": 0, "promptfl": 16 * width, "trip": 4 * 8 * width, "trip-lite": 2 * 1 * width}
+    assert comm == {"zeroshot": 0, "promptfl": 16 * width, "trip": 4 * 8 * width, "trip-lite": 2 * 1 * width,
+                    "fedapt": 6 * 16 * width + 3 * width}
     assert all(r["comm_bytes_per_round"] == 4 * r["comm_params_per_round"] for r in runs)
 
 

@@ -199,7 +199,35 @@ class FedOTPCfg(_Strict):
         return data
 
 
-_METHOD_CFGS: list[type[BaseModel]] = [ZeroShotCfg, PromptFLCfg, TripCfg, FedCLIPCfg, FedOTPCfg]
+# FedAPT's own optimizer: its code's make_optimizer (lr hard-coded, docs/reproduce.md "FedAPT").
+FEDAPT_OPTIMIZER = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-5}
+
+
+class FedAPTCfg(_Strict):
+    """FedAPT (Su et al., AAAI 2024; docs/reproduce.md "FedAPT"): a class-specific meta prompt modulated by frozen
+    per-client keys, and a linear domain classifier that mixes the keys per image at inference."""
+
+    name: Literal["fedapt"]
+    label: str | None = None
+    n_ctx: int = Field(16, ge=1)
+    # Source clients of every run (one key and one domain-classifier output each): the data set's domains - 1,
+    # 3 on PACS, VLCS and Office-Home, 5 on DomainNet. A run with another count stops with a message.
+    sources: int = Field(3, ge=2)
+    key_seed: int = 1  # the keys' shared seed (the official code seeds 1)
+    temperature: float = Field(0.01, gt=0)  # of the key mixture at inference
+    aggregation: Literal["uniform", "weighted"] = "uniform"  # uniform: equal weights, as the official server
+    optimizer: OptimizerCfg | None = Field(default_factory=lambda: OptimizerCfg(**FEDAPT_OPTIMIZER))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fedapt_optimizer(cls, data: Any) -> Any:
+        own = data.get("optimizer") if isinstance(data, dict) else None
+        if isinstance(own, dict) and own.get("name", "sgd") == "sgd":  # another optimizer starts from its defaults
+            data = {**data, "optimizer": {**FEDAPT_OPTIMIZER, **own}}
+        return data
+
+
+_METHOD_CFGS: list[type[BaseModel]] = [ZeroShotCfg, PromptFLCfg, TripCfg, FedCLIPCfg, FedOTPCfg, FedAPTCfg]
 
 
 def _method_union() -> Any:

@@ -10,6 +10,9 @@ Every image i has its own context ``ctx[i]`` (``[N_CTX, W]``), so one step encod
   are the same for every class of an image and, being causal, never see the class tokens: they run once
   per image, and the class suffixes attend to their cached keys/values. Classes run in chunks.
 
+A class-specific context (CSC, ``ctx[i, c]``: FedAPT's) shares no prefix between classes:
+:func:`encode_class_specific` runs every (image, class) sequence in full, cut after the longest EOT.
+
 The fast path supports the standard open_clip text tower (``ResidualAttentionBlock`` with
 ``nn.MultiheadAttention``, causal mask, argmax/EOT pooling); anything else raises :class:`TripError`.
 The caller freezes the model (``requires_grad_(False)``); then only ``ctx`` receives gradients.
@@ -343,6 +346,42 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor, visible: Te
     w = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
     out_pre = (w[..., :P].flatten(2, 3) @ vp).unflatten(2, (Cc, Sq))  # [B, H, Cc, Sq, d]
     return out_pre + w[..., P:] @ v
+
+
+# --------------------------------------------------------------------------------------------------
+# Class-specific contexts
+# --------------------------------------------------------------------------------------------------
+
+
+def encode_class_specific(model: nn.Module, tokens: PromptTokens, ctx: Tensor, *,
+                          row_chunk: int | None = None) -> Tensor:
+    """Text features of prompts whose context differs per image *and* class. ctx [B, C, n, W] -> [B, C, E]
+
+    Each of the B x C sequences ``[SOS] ctx[i, c] <class c> . [EOT]`` runs through the tower as
+    ``encode_text`` does, cut after the longest EOT (exact: the tower is causal and pools at the EOT), in
+    chunks of ``row_chunk`` sequences (``None``: as many as the element budget allows)."""
+    tower = _text_tower(model)
+    if tower.attn_mask is None:
+        raise TripError("the text tower is not causal: cutting the prompts after the EOT needs a causal mask")
+    B, C, n, W = ctx.shape
+    if C != tokens.num_classes:
+        raise ValueError(f"ctx has {C} classes, the prompt tokens {tokens.num_classes}")
+    _check_ctx(tokens, ctx[:, 0])
+    dt = tower.cast_dtype
+    T = tokens.max_eot + 1
+    frozen_prefix = tokens.prefix.to(dt).expand(B, -1, -1, -1)  # [B, C, 1, W]
+    frozen_suffix = tokens.suffix[:, : T - 1 - n].to(dt).expand(B, -1, -1, -1)
+    x = torch.cat([frozen_prefix, ctx.to(dt), frozen_suffix], dim=2) + tower.positional_embedding[:T].to(dt)
+    x, eot = x.flatten(0, 1), tokens.eot.repeat(B)  # [B*C, T, W], [B*C]
+    if row_chunk is None:
+        saved = SAVED_PER_TOKEN_LAYER * len(tower.transformer.resblocks) if ctx.requires_grad else LIVE_PER_TOKEN_EVAL
+        row_chunk = max(1, CHUNK_ELEMENT_BUDGET // (T * W * saved))
+    outs = []
+    for r0 in range(0, x.shape[0], row_chunk):
+        rows = tower.transformer(x[r0 : r0 + row_chunk], attn_mask=tower.attn_mask[:T, :T])
+        picked = eot[r0 : r0 + row_chunk]
+        outs.append(tower.ln_final(rows)[torch.arange(len(picked), device=rows.device), picked])
+    return tower.project(torch.cat(outs)).unflatten(0, (B, C))
 
 
 # --------------------------------------------------------------------------------------------------

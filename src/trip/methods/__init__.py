@@ -7,8 +7,18 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from trip.backbone import Backbone
-from trip.config import FedCLIPCfg, FedOTPCfg, PromptFLCfg, TripCfg, ZeroShotCfg, add_method_config, load_plugins
+from trip.config import (
+    FedAPTCfg,
+    FedCLIPCfg,
+    FedOTPCfg,
+    PromptFLCfg,
+    TripCfg,
+    ZeroShotCfg,
+    add_method_config,
+    load_plugins,
+)
 from trip.methods.base import Method
+from trip.methods.fedapt import FedAPT
 from trip.methods.fedclip import FedCLIP
 from trip.methods.fedotp import FedOTP
 from trip.methods.promptfl import PromptFL
@@ -16,7 +26,7 @@ from trip.methods.trip import Trip
 from trip.methods.zeroshot import ZeroShot
 
 _BY_CFG: dict[type, type[Method]] = {ZeroShotCfg: ZeroShot, PromptFLCfg: PromptFL, TripCfg: Trip,
-                                     FedCLIPCfg: FedCLIP, FedOTPCfg: FedOTP}
+                                     FedCLIPCfg: FedCLIP, FedOTPCfg: FedOTP, FedAPTCfg: FedAPT}
 
 
 def register(cfg_cls: type[BaseModel], method_cls: type[Method]) -> None:

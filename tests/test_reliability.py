@@ -74,6 +74,23 @@ def test_sigkill_in_round_3_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_rounds_a_checkpoint_holds_and_the_log_lacks_are_logged_once_on_resume(tmp_path):
+    """A Flower ServerApp checkpoints a round before trip logs it: a kill in between leaves the checkpoint ahead
+    of rounds.jsonl. Made here by cutting a finished run back to that state: the resume logs each round once."""
+    import shutil
+
+    config = _write_config(tmp_path / "c.yaml", {**TINY_TRIP, "train": {**TINY_TRIP["train"], "rounds": 3}})
+    _trip("run", str(config), "--out", str(tmp_path / "straight"))
+    gap = tmp_path / "gap"
+    shutil.copytree(tmp_path / "straight", gap)
+    (gap / "results.json").unlink()
+    first = (gap / "rounds.jsonl").read_text().splitlines()[0]
+    (gap / "rounds.jsonl").write_text(first + "\n")
+
+    _trip("run", str(config), "--out", str(gap), "--resume")
+    assert _comparable(gap) == _comparable(tmp_path / "straight")
+
+
 def _state(round_idx: int) -> FederationState:
     return FederationState(round_idx, {"experts": torch.full((2, 3), float(round_idx))},
                            {"experts": torch.zeros(2, 3)}, 1.5, [{"round": round_idx - 1}])

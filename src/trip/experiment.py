@@ -64,7 +64,7 @@ def _run_all(ws: Workspace, out: Path, runs: list[dict], federate: Federate) -> 
             for method in ws.methods:
                 for target in targets_of(cfg, ws.dataset):
                     if (method.label, target, seed) not in done:
-                        runs.append(_run_one(ws, method, target, seed, rounds_file, federate))
+                        runs.append(_run_one(ws, out, method, target, seed, rounds_file, federate))
                         results.write_results(out, cfg, runs, skipped_images=ws.skipped_images)
     results.write_summary(out, cfg, runs)
     expert_usage.write(ws, out)  # before the figures: they read it
@@ -168,7 +168,22 @@ def _trim_rounds_log(out: Path, runs: list[dict]) -> None:
     os.replace(tmp, log)
 
 
-def _run_one(ws: Workspace, method: Method, target: str, seed: int, rounds_file, federate: Federate) -> dict:
+def _log_checkpointed_rounds(out: Path, key: dict, log: RoundLogger) -> None:
+    """Logs the rounds that the run's checkpoint holds and rounds.jsonl lacks, so that a resumed run logs every
+    round once whatever engine wrote the checkpoint (a Flower ServerApp checkpoints a round before trip logs it:
+    a kill in between loses only the log line). rounds.jsonl was trimmed by `_claim_run_folder`: every line parses."""
+    state = RunCheckpoints(out / "checkpoints" / run_key(key["method"], key["target"], key["seed"])).latest()
+    if state is None:
+        return
+    lines = (out / "rounds.jsonl").read_text().splitlines()
+    logged = {rec["round"] for rec in map(json.loads, lines) if all(rec.get(k) == v for k, v in key.items())}
+    for record in state.history:
+        if record["round"] not in logged:
+            log(record)
+
+
+def _run_one(ws: Workspace, out: Path, method: Method, target: str, seed: int, rounds_file,
+             federate: Federate) -> dict:
     cfg = ws.cfg
     torch.manual_seed(seed)
     sources = [d for d in ws.dataset.domains if d != target]
@@ -184,6 +199,8 @@ def _run_one(ws: Workspace, method: Method, target: str, seed: int, rounds_file,
         bar.update()
 
     start = time.perf_counter()
+    if method.trainable:
+        _log_checkpointed_rounds(out, key, log)
     result = federate(method, target, seed, log)
     bar.close()
     chosen = select_round(result.history, selection_model(method))

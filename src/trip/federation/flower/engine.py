@@ -37,17 +37,17 @@ def flower_federation(ws: Workspace, out: Path) -> Iterator[FlowerRuns]:
     checkpoints = (out / "checkpoints").resolve()
     configs = [f'partition-id={i} num-partitions={n} {STATE_DIR}="{checkpoints}"' for i in range(n)]
     with LocalFederation(configs, out / "flower" / "logs") as fed:
-        yield FlowerRuns(fed, ws.cfg, out / "flower", checkpoints=checkpoints, rounds_log=out / "rounds.jsonl")
+        yield FlowerRuns(fed, ws.cfg, out / "flower", checkpoints=checkpoints)
 
 
 class FlowerRuns:
     """Called as the in-process engine is: (method, held-out domain, seed, log) -> FederationResult."""
 
     def __init__(self, fed: LocalFederation, cfg: ExperimentCfg, root: Path, checkpoints: Path | None = None,
-                 rounds_log: Path | None = None, **run_options):
-        """`checkpoints`: the run folder's checkpoints/ (None: no resume); `rounds_log`: its rounds.jsonl."""
+                 **run_options):
+        """`checkpoints`: the run folder's checkpoints/ (None: no resume)."""
         self.fed, self.cfg, self.root, self.run_options = fed, cfg, root, run_options
-        self.checkpoints, self.rounds_log = checkpoints, rounds_log
+        self.checkpoints = checkpoints
 
     def __call__(self, method: Method, target: str, seed: int, log: RoundLogger) -> FederationResult:
         run_dir = (self.root / f"{method.label}-{target}-seed{seed}").resolve()
@@ -55,7 +55,7 @@ class FlowerRuns:
         for stale in ("rounds.jsonl", "result.json"):
             (run_dir / stale).unlink(missing_ok=True)
         folder = self.checkpoints / run_key(method.label, target, seed) if self.checkpoints else None
-        done = self._resumed_rounds(folder, method, target, seed, log) if folder and method.trainable else []
+        done = self._resumed_rounds(folder) if folder and method.trainable else []
         spec = RunSpec(self.cfg, seed, method.label, target, out_dir=str(run_dir),
                        checkpoint_dir=str(folder or ""), **self.run_options)
         run_id = self.fed.submit(write_run_config(spec, run_dir / "run_config.toml"))
@@ -67,23 +67,11 @@ class FlowerRuns:
                             f"SuperLink and SuperNode logs: {self.fed.logs}")
         return FederationResult(rounds.records, read_models(run_dir / "models.safetensors"))
 
-    def _resumed_rounds(self, folder: Path, method: Method, target: str, seed: int, log: RoundLogger) -> list[dict]:
-        """The rounds of the checkpoint the ServerApp will continue from; those the killed run's log lacks (it
-        was killed between the checkpoint and the log line) are logged now, so that each round is logged once."""
+    @staticmethod
+    def _resumed_rounds(folder: Path) -> list[dict]:
+        """The rounds of the checkpoint the ServerApp will continue from (experiment.py has logged them)."""
         state = RunCheckpoints(folder).latest()
-        if state is None:
-            return []
-        key = {"method": method.label, "target": target, "seed": seed}
-        logged = set()
-        if self.rounds_log and self.rounds_log.is_file():
-            for line in self.rounds_log.read_text().splitlines():
-                rec = json.loads(line)
-                if {k: rec.get(k) for k in key} == key:
-                    logged.add(rec["round"])
-        for record in state.history:
-            if record["round"] not in logged:
-                log(record)
-        return state.history
+        return state.history if state is not None else []
 
 
 class RoundTail:

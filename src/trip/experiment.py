@@ -153,6 +153,7 @@ def _trim_rounds_log(out: Path, runs: list[dict]) -> None:
     if not log.is_file():
         return
     finished = {run_key(r["method"], r["target"], r["seed"]) for r in runs}
+    next_round: dict[str, int] = {}  # unfinished run -> the first round its latest checkpoint has not done
     kept = []
     for line in log.read_text(errors="replace").splitlines():
         try:
@@ -160,8 +161,10 @@ def _trim_rounds_log(out: Path, runs: list[dict]) -> None:
             key, round_idx = run_key(rec["method"], rec["target"], rec["seed"]), int(rec["round"])
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by the crash
-        state = None if key in finished else RunCheckpoints(out / "checkpoints" / key).latest()
-        if key in finished or (state is not None and round_idx < state.next_round):
+        if key not in finished and key not in next_round:
+            state = RunCheckpoints(out / "checkpoints" / key).latest()
+            next_round[key] = state.next_round if state is not None else 0
+        if key in finished or round_idx < next_round[key]:
             kept.append(line)
     tmp = log.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))

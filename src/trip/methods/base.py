@@ -111,7 +111,7 @@ class Method:
         return Inputs()
 
     def optimizer(self) -> OptimizerCfg | None:
-        return None
+        return getattr(self.cfg, "optimizer", None)  # a method config's `optimizer` key, where it has one
 
     def init_params(self, seed: int) -> Tensors:
         return {}

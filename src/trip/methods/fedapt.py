@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from trip.backbone import autocast
-from trip.config import OptimizerCfg
 from trip.errors import TripError
 from trip.features import Inputs
 from trip.methods.base import Method, Split, Tensors, gaussian_init
@@ -32,9 +31,6 @@ class FedAPT(Method):
 
     def inputs(self) -> Inputs:
         return Inputs(norms=True)
-
-    def optimizer(self) -> OptimizerCfg | None:
-        return self.cfg.optimizer
 
     @staticmethod
     def count_params(cfg, text_width: int, vision_width: int, classes: int) -> int:

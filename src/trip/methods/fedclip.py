@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trip.config import OptimizerCfg
 from trip.features import Inputs
 from trip.methods.base import Method, Split
 from trip.templates import prompt_name
@@ -29,9 +28,6 @@ class FedCLIP(Method):
 
     def inputs(self) -> Inputs:
         return Inputs(norms=True)
-
-    def optimizer(self) -> OptimizerCfg | None:
-        return self.cfg.optimizer
 
     @staticmethod
     def count_params(cfg, text_width: int, vision_width: int, classes: int) -> int:

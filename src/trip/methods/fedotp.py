@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from trip.backbone import autocast
-from trip.config import OptimizerCfg
 from trip.features import Inputs
 from trip.methods.base import Method, Split, Tensors, gaussian_init
 from trip.ot import transport_plan
@@ -37,9 +36,6 @@ class FedOTP(Method):
 
     def inputs(self) -> Inputs:
         return Inputs(patches=True)
-
-    def optimizer(self) -> OptimizerCfg | None:
-        return self.cfg.optimizer
 
     def _init(self, seed: int) -> torch.Tensor:
         """[2, n_ctx, W]: the official code's one `ctx` tensor (global, local); every client starts from it."""

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from trip.backbone import autocast
-from trip.config import OptimizerCfg
 from trip.methods.base import Method, Split, gaussian_init
 from trip.textenc import build_prompt_tokens, encode_prompts
 
@@ -16,9 +15,6 @@ class PromptFL(Method):
     def __init__(self, cfg, backbone, class_names):
         super().__init__(cfg, backbone, class_names)
         self.tokens = build_prompt_tokens(backbone.model, backbone.tokenizer, class_names, cfg.n_ctx)
-
-    def optimizer(self) -> OptimizerCfg | None:
-        return self.cfg.optimizer
 
     @staticmethod
     def count_params(cfg, text_width: int, vision_width: int, classes: int) -> int:

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from trip import routing
 from trip.backbone import autocast
-from trip.config import OptimizerCfg
 from trip.features import Inputs, RoutingSpec
 from trip.methods.base import Method, Split, gaussian_init
 from trip.methods.text import zeroshot_weights
@@ -43,9 +42,6 @@ class Trip(Method):
         if self.cfg.routing == "token":
             return Inputs(routing=(self.route_train, self.route_infer))
         return Inputs(cls=self.cfg.routing in ("image-hard", "image-soft", "learned"))
-
-    def optimizer(self) -> OptimizerCfg | None:
-        return self.cfg.optimizer
 
     def init_params(self, seed: int) -> dict[str, torch.Tensor]:
         c, dev, width = self.cfg, self.backbone.device, self.backbone.text_width

@@ -239,6 +239,9 @@ MethodCfg = _method_union()
 
 class ExperimentCfg(_Strict):
     name: str = "experiment"
+    # lodo: leave one domain out (each held-out domain a run); base2novel: lodo on the first half of the classes,
+    # tested on both halves; multidomain: every domain a client, tested on its own held-out split (docs/reproduce.md)
+    protocol: Literal["lodo", "base2novel", "multidomain"] = "lodo"
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backbone: BackboneCfg = Field(default_factory=BackboneCfg)

@@ -64,6 +64,38 @@ class TrainCfg(_Strict):
     fedavg_weight: Literal["images", "train"] = "images"
 
 
+class SecAggCfg(_Strict):
+    """Flower's SecAgg+ settings, with Flower's defaults (docs/federation.md, "Secure aggregation"). An int
+    `num_shares` is a count of SuperNodes (> 2), a float the share of the round's SuperNodes; likewise
+    `reconstruction_threshold` is a count (< num_shares) or a share of num_shares."""
+
+    num_shares: int | float = 3  # each SuperNode's secrets are split among this many SuperNodes (itself included)
+    reconstruction_threshold: int | float = 2  # shares that rebuild a secret: SuperNodes that must stay
+    clipping_range: float = Field(8.0, gt=0)  # a pre-scaled value must lie in [-c, c]
+    quantization_range: int = Field(2**22, ge=2)  # T: [-c, c] is mapped to the integers 0..T
+    max_weight: float = Field(1000.0, gt=0)  # M: a SuperNode's update is pre-scaled by its weight / M
+    modulus_range: int = Field(2**32, ge=4)  # masks and sums live modulo this power of 2 (at most 2**32)
+
+    @model_validator(mode="after")
+    def _a_valid_secaggplus_setup(self) -> SecAggCfg:
+        shares, threshold = self.num_shares, self.reconstruction_threshold
+        if isinstance(shares, int) and shares != 1 and shares <= 2:
+            raise ValueError(f"secagg.num_shares {shares}: a count must be at least 3 (or a share, e.g. 1.0)")
+        if isinstance(shares, float) and not 0 < shares <= 1:
+            raise ValueError(f"secagg.num_shares {shares}: a share must be in (0, 1]")
+        if isinstance(threshold, float) and not 0 < threshold <= 1:
+            raise ValueError(f"secagg.reconstruction_threshold {threshold}: a share must be in (0, 1]")
+        if isinstance(threshold, int) and (threshold < 1 or isinstance(shares, int) and 1 < threshold >= shares):
+            raise ValueError(f"secagg.reconstruction_threshold {threshold} must be a count from 1 (all shares) to "
+                             f"num_shares - 1, or a share of num_shares such as 0.67")
+        if self.modulus_range.bit_count() != 1 or self.modulus_range > 2**32:
+            raise ValueError(f"secagg.modulus_range {self.modulus_range} must be a power of 2, at most 2**32")
+        if self.modulus_range <= self.quantization_range:
+            raise ValueError(f"secagg.modulus_range {self.modulus_range} must exceed quantization_range "
+                             f"{self.quantization_range}")
+        return self
+
+
 class FederationCfg(_Strict):
     """Who the clients are and who takes part in a round (docs/federation.md)."""
 
@@ -73,6 +105,9 @@ class FederationCfg(_Strict):
     min_client_size: int = Field(5, ge=2)  # images a client must hold; a split that cannot give them is refused
     fraction: float = Field(1.0, gt=0, le=1)  # clients sampled per round (at least one)
     drop_rate: float = Field(0.0, ge=0, lt=1)  # chance that a sampled client fails to report
+    # the server sees only the weighted sum of each round's updates (Flower's SecAgg+; Flower engines only)
+    secure_aggregation: bool = False
+    secagg: SecAggCfg = Field(default_factory=SecAggCfg)
 
 
 class OptimizerCfg(_Strict):

@@ -16,6 +16,7 @@ from trip import expert_usage, results
 from trip.checkpoint import RunCheckpoints, run_key
 from trip.config import ExperimentCfg, dump_config
 from trip.errors import TripError
+from trip.federation import secure
 from trip.federation.inprocess import FederationResult, RoundLogger, run_federation
 from trip.federation.partition import client_names
 from trip.federation.rounds import select_round, selection_model
@@ -36,6 +37,8 @@ def run_experiment(cfg: ExperimentCfg, out: Path, *, engine: str = "inprocess", 
     with run_folder_lock(out):
         runs = _claim_run_folder(cfg, out, resume)
         ws = prepare(cfg)
+        if cfg.federation.secure_aggregation:
+            _check_secure_aggregation(ws, engine)
         _write_config(out, cfg)  # after `prepare`: a refused start leaves none behind
         if engine == "flower":
             from trip.federation.flower.engine import flower_federation
@@ -43,6 +46,13 @@ def run_experiment(cfg: ExperimentCfg, out: Path, *, engine: str = "inprocess", 
             with flower_federation(ws, out) as federate:
                 return _run_all(ws, out, runs, federate)
         return _run_all(ws, out, runs, _in_process(ws, out))
+
+
+def _check_secure_aggregation(ws: Workspace, engine: str) -> None:
+    """Each domain's SuperNode weighs what its clients weigh together (their FedAvg weights)."""
+    for seed in ws.cfg.seeds:
+        weights = {d: [c.weight for c in ws.domain_clients(d, seed)] for d in ws.dataset.domains}
+        secure.check(ws.cfg.federation, ws.methods, engine, weights)
 
 
 def _in_process(ws: Workspace, out: Path) -> Federate:

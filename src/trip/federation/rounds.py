@@ -47,6 +47,16 @@ class Accepted:
     upload: Tensors  # Method.target_upload of its private tensors after the round
 
 
+@dataclass
+class Report:
+    """A client whose update is inside a securely aggregated sum: the server knows its train loss, never its
+    update (`Server.aggregate_from_sum`)."""
+
+    index: int
+    name: str
+    loss: float
+
+
 def round_lr(train: TrainCfg, r: int) -> float:
     return train.lr * train.lr_decay**r
 
@@ -110,17 +120,27 @@ class Server:
 
     def aggregate(self, r: int, accepted: list[Accepted], failed: dict[str, str]) -> None:
         """No update and no failure (every sampled client dropped): the global tensors stay as they were."""
-        if not accepted and failed:
-            raise TripError(f"round {r}: every client failed ({'; '.join(failed.values())}); stopping with the "
-                            f"global state of round {r - 1} unchanged")
         accepted = sorted(accepted, key=lambda a: a.index)
         weights = [a.weight for a in accepted] if self.method.aggregation == "weighted" else [1] * len(accepted)
-        if accepted:
-            self.params = fedavg([a.params for a in accepted], weights)
-        if self.bma is not None:
-            self.bma.update(self.params, r)
+        self._step(r, fedavg([a.params for a in accepted], weights) if accepted else None, failed)
         for a in accepted:
             self.uploads[a.index] = a.upload
+
+    def aggregate_from_sum(self, r: int, mean: Tensors | None, failed: dict[str, str]) -> None:
+        """Secure aggregation: `mean` is the sum of the reporting clients' weight-scaled updates divided by the
+        sum of their weights, both summed under masks (the server never holds a client's update); None: no
+        update came. The target uploads stay as they were: no method that needs them is run this way
+        (`trip.federation.secure.check`)."""
+        self._step(r, mean, failed)
+
+    def _step(self, r: int, params: Tensors | None, failed: dict[str, str]) -> None:
+        if params is None and failed:
+            raise TripError(f"round {r}: every client failed ({'; '.join(failed.values())}); stopping with the "
+                            f"global state of round {r - 1} unchanged")
+        if params is not None:
+            self.params = params
+        if self.bma is not None:
+            self.bma.update(self.params, r)
 
     def models(self) -> dict[str, Tensors]:
         """The deployed models, by name: "server" (and "bma")."""
@@ -150,7 +170,7 @@ def evaluate(method: Method, models: dict[str, Tensors], clients: list[Client], 
     return eval_record(val, {m: accuracy(method, p, target) for m, p in models.items()})
 
 
-def round_record(r: int, lr: float, taking_part: dict[str, list[str]], accepted: list[Accepted],
+def round_record(r: int, lr: float, taking_part: dict[str, list[str]], accepted: list[Accepted] | list[Report],
                  failed: dict[str, str], ev: dict, seconds: float) -> dict:
     """`taking_part`: `Participation.names`; "participants" are the clients whose update was aggregated."""
     accepted = sorted(accepted, key=lambda a: a.index)

@@ -13,13 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from trip.federation.client import accuracy, client_update
-from trip.federation.flower import node
+from trip.federation import secure
+from trip.federation.client import ClientUpdate, accuracy, client_update
+from trip.federation.flower import node, secagg
 from trip.federation.flower.private_store import PrivateStore
 from trip.federation.flower.protocol import MODELS, RunSpec, from_record, node_domain, to_record
-from trip.federation.rounds import round_seed
+from trip.federation.rounds import Client, round_seed
+from trip.federation.server import fedavg
 from trip.methods.base import Method, Split, Tensors
 from trip.workspace import Workspace
 
@@ -79,19 +82,49 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if secagg.is_secure(msg):
+        return secaggplus_mod(msg, context, train_securely)
     site = Site.of(context)
     config = msg.content["config"]
     r, k = int(config["server-round"]) - 1, int(config.get("client", 0))  # a domain's only client needs no number
     params = from_record(msg.content["arrays"], site.ws.backbone.device)
-    client = site.ws.domain_clients(site.domain, site.spec.seed)[k]
-    update = client_update(site.method, params, client.train, site.spec.cfg.train, float(config["lr"]),
-                           round_seed(site.spec.seed, r, site.spec.client_index(site.domain, k)),
-                           private=site.private(context, k, r), where=f"client {client.name}, round {r}")
-    site.keep_private(context, k, r, update.private)
+    client, update = train_client(site, context, k, r, params, float(config["lr"]))
     metrics = MetricRecord({"num-examples": client.weight, "train-loss": update.loss})
     upload = to_record(site.method.target_upload(update.private))
     return Message(RecordDict({"arrays": to_record(update.params), "upload": upload, "metrics": metrics}),
                    reply_to=msg)
+
+
+def train_securely(msg: Message, context: Context) -> Message:
+    """The masked-vector stage of secure aggregation: train the clients the message names and reply with their
+    weighted mean and total weight, which `secaggplus_mod` pre-scales, quantizes and masks (`secagg`). The node
+    sees its own clients' updates, nobody else does: the unit of secrecy is the SuperNode. No target upload."""
+    site = Site.of(context)
+    config, params = secagg.node_work(msg)
+    r, lr, sa = int(config["server-round"]) - 1, float(config["lr"]), site.spec.cfg.federation.secagg
+    params = {name: t.to(site.ws.backbone.device) for name, t in params.items()}
+    updates, weights, metrics = [], [], {}
+    for k in map(int, str(config["clients"]).split(",")):
+        client, update = train_client(site, context, k, r, params, lr)
+        updates.append(update.params)
+        weights.append(client.weight if site.method.aggregation == "weighted" else 1)
+        metrics[f"loss-{k}"] = update.loss
+    mean, weight = fedavg(updates, weights), sum(weights)
+    secure.check_weight(weight, sa, site.domain)
+    secure.check_prescaled(max(float(t.abs().max()) for t in mean.values()), weight, sa, site.domain)
+    return secagg.node_reply(msg, list(params), mean, weight, metrics)
+
+
+def train_client(site: Site, context: Context, k: int, r: int, params: Tensors,
+                 lr: float) -> tuple[Client, ClientUpdate]:
+    """Client k's local training of round r (as in-process: its images, seed and client index); its private
+    tensors are kept on the node."""
+    client = site.ws.domain_clients(site.domain, site.spec.seed)[k]
+    update = client_update(site.method, params, client.train, site.spec.cfg.train, lr,
+                           round_seed(site.spec.seed, r, site.spec.client_index(site.domain, k)),
+                           private=site.private(context, k, r), where=f"client {client.name}, round {r}")
+    site.keep_private(context, k, r, update.private)
+    return client, update
 
 
 @app.evaluate()

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from trip.checkpoint import RunCheckpoints
 from trip.errors import TripError
+from trip.federation import secure
 from trip.federation.client import accuracy
 from trip.federation.flower import node
 from trip.federation.flower.protocol import RunSpec, from_record, quiet_root_logger, to_record
@@ -37,6 +38,8 @@ def main(grid: Grid, context: Context) -> None:
     sources, target_peer = discover(grid, spec)
     ws = node.workspace(spec.cfg, [] if target_peer else [spec.target])
     method = node.method_of(ws, spec.method)
+    if spec.cfg.federation.secure_aggregation:
+        secure.check(spec.cfg.federation, [method], "flower", {})
     out = Path(spec.out_dir) if spec.out_dir else None
     checkpoints = RunCheckpoints(Path(spec.checkpoint_dir)) if spec.checkpoint_dir and method.trainable else None
     state = checkpoints.latest() if checkpoints else None

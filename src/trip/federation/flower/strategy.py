@@ -26,8 +26,9 @@ from flwr.serverapp.strategy import Result, Strategy
 from trip.errors import TripError
 from trip.federation.flower.polling import Backoff
 from trip.federation.flower.protocol import RunSpec, to_record
+from trip.federation.flower.secagg import SecureSum, secure_sum
 from trip.federation.partition import client_names
-from trip.federation.rounds import Accepted, Server, eval_record, participation, round_lr, round_record
+from trip.federation.rounds import Accepted, Report, Server, eval_record, participation, round_lr, round_record
 from trip.methods.base import Method
 
 RoundLogger = Callable[[dict], None]
@@ -133,13 +134,17 @@ class TripStrategy(Strategy):
             self._record({"round": 0, "eval": ev, **({"failed": failed} if failed else {})})
         for server_round in range(self.server.next_round + 1, num_rounds + 1):  # a restored server goes on
             start = time.perf_counter()
-            messages = self.configure_train(server_round, result.arrays, train_config or ConfigRecord(), grid)
-            result.arrays, metrics = self.aggregate_train(server_round, self.exchange(grid, messages, timeout))
+            if self.spec.cfg.federation.secure_aggregation:
+                result.arrays, metrics = self.train_securely(grid, server_round, result.arrays,
+                                                             train_config or ConfigRecord(), timeout)
+            else:
+                messages = self.configure_train(server_round, result.arrays, train_config or ConfigRecord(), grid)
+                result.arrays, metrics = self.aggregate_train(server_round, self.exchange(grid, messages, timeout))
             result.train_metrics_clientapp[server_round] = metrics
             ev = self._evaluate(grid, server_round, evaluate_config, evaluate_fn, timeout)
             state = self.round_state
             self._record(round_record(state["round"], state["lr"], state["taking_part"], state["accepted"],
-                                      state["failed"], ev, time.perf_counter() - start))
+                                      state["failed"], ev, time.perf_counter() - start) | state.get("secure", {}))
         return result
 
     def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
@@ -179,23 +184,67 @@ class TripStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        lr, plan = self._plan_train(server_round, grid)
+        messages = []
+        for peer, clients in plan.items():
+            for i in clients:
+                content = RecordDict({"arrays": arrays, "config": ConfigRecord(
+                    {**config, "server-round": server_round, "lr": lr, "client": self._client_place(i)[1]})})
+                messages.append(self._message(content, peer, MessageType.TRAIN, server_round))
+        return messages
+
+    def _plan_train(self, server_round: int, grid: Grid) -> tuple[float, dict[Peer, list[int]]]:
+        """Opens the round: its lr and, per connected source node, the indices of the clients it trains (a
+        client whose node is not connected is failed)."""
         r = server_round - 1
         lr = round_lr(self.spec.cfg.train, r)
         taking_part = participation(self.spec.cfg.federation, self.spec.seed, r, len(self.clients))
         self.round_state = {"round": r, "lr": lr, "failed": {}, "accepted": [],
                             "taking_part": taking_part.names(self.clients), "asked": len(taking_part.reporting)}
         online = {p.node_id for p in self._online(grid, self.sources)}
-        messages = []
+        plan: dict[Peer, list[int]] = {}
         for i in taking_part.reporting:
-            domain, k = self._client_place(i)
-            peer = self.node_of.get(domain)
+            peer = self.node_of.get(self._client_place(i)[0])
             if peer is None or peer.node_id not in online:
                 self._fail(peer.node_id if peer else 0, i, "its node is not connected")
                 continue
-            content = RecordDict({"arrays": arrays, "config": ConfigRecord(
-                {**config, "server-round": server_round, "lr": lr, "client": k})})
-            messages.append(self._message(content, peer, MessageType.TRAIN, server_round))
-        return messages
+            plan.setdefault(peer, []).append(i)
+        return lr, plan
+
+    def train_securely(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                       timeout: float) -> tuple[ArrayRecord, MetricRecord]:
+        """The train exchange through SecAgg+ (`secagg.secure_sum`): one message per node naming its clients;
+        the server gets the weighted mean of the updates of the nodes that stayed, never one node's update."""
+        lr, plan = self._plan_train(server_round, grid)
+        r = server_round - 1
+        work = {peer.node_id: {**config, "server-round": server_round, "lr": lr, "names": ",".join(arrays),
+                               "clients": ",".join(str(self._client_place(i)[1]) for i in clients)}
+                for peer, clients in plan.items()}
+        if len(work) == 1:  # a sum of one is that node's update
+            [(peer, clients)] = plan.items()
+            for i in clients:
+                self._fail(peer.node_id, i, "secure aggregation needs the updates of at least 2 SuperNodes; "
+                                            "only this one takes part in the round")
+        result = secure_sum(grid, self.spec.cfg.federation.secagg, timeout, server_round, arrays, work) \
+            if len(work) > 1 else SecureSum(None)
+        reports = []
+        for peer, clients in plan.items():
+            metrics = result.reports.get(peer.node_id) if result.mean is not None else None
+            for i in clients:
+                if metrics is not None:
+                    loss = metrics.get(f"loss-{self._client_place(i)[1]}", math.nan)
+                    reports.append(Report(i, self.clients[i], float(loss)))
+                elif len(work) > 1:
+                    self._fail(peer.node_id, i, result.dropped.get(peer.node_id) or
+                               f"secure aggregation halted in its {result.halted}")
+        self._require(server_round, reports)
+        self.server.aggregate_from_sum(r, result.mean, self.round_state["failed"])
+        inside = {p for p in plan if p.node_id in result.reports}
+        self.round_state |= {"accepted": reports, "secure": {"secure_aggregation": {
+            "nodes": [p.domain for p in plan if p in inside],
+            "dropped_nodes": [p.domain for p in plan if p not in inside],
+            "shares": result.shares, "threshold": result.threshold}}}
+        return to_record(self.server.params), MetricRecord({"num-clients": len(reports)})
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -211,10 +260,7 @@ class TripStrategy(Strategy):
                 continue
             accepted.append(Accepted(index, self.clients[index], reply.params, reply.num_examples, reply.loss,
                                      reply.upload))
-        required = min(self.spec.min_clients, self.round_state.get("asked", len(self.clients)))
-        if len(accepted) < required:
-            raise TripError(f"round {server_round - 1}: {len(accepted)} valid client updates, fewer than the "
-                            f"{required} required (min-clients); failures: {self.round_state['failed']}")
+        self._require(server_round, accepted)
         self.server.aggregate(server_round - 1, accepted, self.round_state["failed"])
         self.round_state["accepted"] = accepted
         return to_record(self.server.params), MetricRecord({"num-clients": len(accepted)})
@@ -250,6 +296,12 @@ class TripStrategy(Strategy):
         return MetricRecord({f"val-mean-{m}": ev[m]["val_mean"] for m in ev})
 
     # --- helpers ----------------------------------------------------------------------------------------
+
+    def _require(self, server_round: int, updates: list) -> None:
+        required = min(self.spec.min_clients, self.round_state.get("asked", len(self.clients)))
+        if len(updates) < required:
+            raise TripError(f"round {server_round - 1}: {len(updates)} valid client updates, fewer than the "
+                            f"{required} required (min-clients); failures: {self.round_state['failed']}")
 
     def _model_records(self) -> dict[str, ArrayRecord]:
         return {m: to_record(params) for m, params in self.models.items()}

@@ -6,6 +6,7 @@ stage is survived in a real Flower federation; what cannot work is refused."""
 from __future__ import annotations
 
 import copy
+import sys
 from uuid import uuid4
 
 import numpy as np
@@ -23,6 +24,8 @@ from trip.experiment import prepare, run_experiment
 from trip.federation import secure
 from trip.federation.client import client_update
 from trip.federation.flower import client_app, node
+from trip.federation.flower.engine import FlowerRuns
+from trip.federation.flower.local import LocalFederation, trip_worker
 from trip.federation.flower.protocol import RunSpec, to_record
 from trip.federation.flower.strategy import Peer, TripStrategy
 from trip.federation.rounds import round_lr, round_seed
@@ -195,3 +198,45 @@ def test_what_cannot_be_securely_aggregated_is_refused(workspace, tmp_path):
                      ({"modulus_range": 3000}, "power of 2")]:
         with pytest.raises(TripError, match=why):
             parse_config(config(secagg=bad))
+
+
+# --- a real Flower federation in which one SuperNode fails at the masked-vector stage ---------------------------
+
+# SuperNode 2's worker: trip's, but its ClientApp fails every masked-vector stage (after setup and key sharing).
+FAILING_WORKER = """
+import sys
+from trip.federation.flower import client_app, worker
+
+def fail(msg, context):
+    raise RuntimeError("this SuperNode fails at the masked-vector stage (test)")
+
+client_app.train_securely = fail
+worker.serve(sys.argv[1])
+"""
+
+
+def test_a_supernode_failing_at_the_masked_vector_stage_is_survived(workspace, tmp_path):
+    cfg = workspace.cfg
+    sources = RunSpec(cfg, SEED, "promptfl", TARGET).sources
+
+    def worker(i: int, api: str) -> list[str]:
+        return [sys.executable, "-c", FAILING_WORKER, api] if i == 2 else trip_worker(i, api)
+
+    with LocalFederation([f"partition-id={i} num-partitions=3" for i in range(3)], tmp_path / "logs",
+                         worker=worker) as fed:
+        got = FlowerRuns(fed, cfg, tmp_path)(workspace.methods[0], TARGET, SEED, lambda _: None)
+    [record] = got.history
+    assert record["secure_aggregation"] == {"nodes": sources[:2], "dropped_nodes": sources[2:], "shares": 3,
+                                            "threshold": 2}
+    stayed = [c.name for c in workspace.clients(TARGET, SEED)[:2 * K]]
+    assert record["participants"] == stayed
+    for k in range(K):
+        why = record["failed"][f"{sources[2]}/{k}"]
+        assert "collect_masked_vectors stage" in why and "masked-vector stage (test)" in why
+    updates = plain_updates(cfg, workspace)[:2 * K]
+    plain = fedavg([u for u, _ in updates], [w for _, w in updates])
+    max_abs = max(float(t.abs().max()) for u, _ in updates for t in u.values())
+    bound = secure.aggregation_bound([sum(w for _, w in updates[:K]), sum(w for _, w in updates[K:])], max_abs,
+                                     cfg.federation.secagg, clients=2 * K)
+    diff = max(float((got.models["server"][k] - plain[k]).abs().max()) for k in plain)
+    assert 0 < diff <= bound, (diff, bound)

@@ -5,8 +5,9 @@ client's target upload only. Each client's private tensors stay in the node's `c
 Flower's FedRep and FedBN keep theirs), never in a reply, and in its `PrivateStore` (for a resumed run).
 
 Messages: `query` (which domain do you hold?), `train` (arrays + lr + client number, reply: arrays + upload +
-num-examples) and `evaluate` (the deployed server and BMA models, reply: the accuracy on each of the node's
-clients' validation splits, in client order, or on its whole domain when it holds the held-out one)."""
+num-examples; under secure aggregation the four SecAgg+ stages, `train_securely`) and `evaluate` (the deployed
+server and BMA models, reply: the accuracy on each of the node's clients' validation splits, in client order, or
+on its whole domain when it holds the held-out one)."""
 
 from __future__ import annotations
 

@@ -4,10 +4,10 @@ masks, quantization and pre-scaling by weight are Flower's, unchanged.
 
 Server side, `secure_sum` runs the stages of `SecAggPlusWorkflow` with the two calls it makes on a legacy
 Strategy answered by `_Fit`: what each SuperNode trains, and the aggregate the unmask stage hands over (the
-weighted mean of the nodes' updates, from sums only). Node side, the ClientApp passes a train message that carries
-SecAgg+ configs to Flower's `secaggplus_mod`, which calls `node_reply`'s caller at the masked-vector stage; the
-reply (one node's weighted mean over its clients and their total weight) is quantized, pre-scaled and masked by
-the mod before it leaves the node."""
+weighted mean of the nodes' updates, from sums only). Node side, the ClientApp hands a train message that carries
+SecAgg+ configs to Flower's `secaggplus_mod`, which calls the ClientApp's `train_securely` at the masked-vector
+stage (`node_work` reads its message, `node_reply` writes its answer: the node's weighted mean over its clients
+and their total weight); the mod pre-scales, quantizes and masks that answer before it leaves the node."""
 
 from __future__ import annotations
 

@@ -6,7 +6,10 @@ rate of the schedule; the replies are checked (names, shapes, dtype, finite valu
 the target upload; a refused or failed client is logged by node id and name and left out) and aggregated by the
 protocol's `Server` (the method's weights, client-index order, as in-process); then the deployed server and BMA
 models are evaluated on every source client's validation split (one message per node, answered for all its
-clients) and on the held-out domain (by the node that holds it, else by the ServerApp through `evaluate_fn`)."""
+clients) and on the held-out domain (by the node that holds it, else by the ServerApp through `evaluate_fn`).
+
+With `federation.secure_aggregation` the train exchange is Flower's SecAgg+ instead (`train_securely`): one
+message per node naming its clients, and only the weighted mean of the nodes' updates reaches this side."""
 
 from __future__ import annotations
 

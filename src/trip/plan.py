@@ -175,8 +175,10 @@ def _federation(cfg: ExperimentCfg) -> str:
     split = "the whole domain" if f.clients_per_domain == 1 else \
         f"{f.partition}" + (f" (alpha {f.dirichlet_alpha:g})" if f.partition == "dirichlet" else "") + \
         f", at least {f.min_client_size} images each"
+    secure = f"; secure aggregation (SecAgg+, threshold {f.secagg.reconstruction_threshold:g} of "\
+        f"{f.secagg.num_shares:g} shares)" if f.secure_aggregation else ""
     return (f"{f.clients_per_domain} per source domain ({split}); fraction {f.fraction:g} sampled per round, "
-            f"drop rate {f.drop_rate:g}")
+            f"drop rate {f.drop_rate:g}{secure}")
 
 
 def _indent(text: str) -> str:

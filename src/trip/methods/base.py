@@ -92,7 +92,8 @@ class Method:
 
     @staticmethod
     def count_upload(cfg, text_width: int, vision_width: int, classes: int) -> int:
-        """Parameters one client uploads once, at the end, for the target prediction (`target_upload`)."""
+        """Parameters one client uploads once, at the end, for the target prediction (`target_upload`); more than
+        0 rules out secure aggregation, which never shows the server one client's tensors (docs/federation.md)."""
         return 0
 
     @property

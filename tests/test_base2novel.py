@@ -27,8 +27,7 @@ from trip.report import write_report
 from trip.workspace import prepare
 
 BASE, NOVEL = PACS_CLASSES[:4], PACS_CLASSES[4:]
-METHODS = [{"name": "zeroshot", "templates": "single"}, {"name": "promptfl", "n_ctx": 2},
-           {"name": "trip", "num_experts": 2, "n_ctx": 2, "kmeans_iters": 5}]
+METHODS = [{"name": "zeroshot", "templates": "single"}, {"name": "promptfl", "n_ctx": 2}]  # TRIP: the logit test
 
 
 def _tree(root: Path, classes: tuple[str, ...], per_class: int = 4) -> Path:
@@ -86,14 +85,14 @@ def test_clients_train_on_the_base_classes_only_with_few_shot(pacs):
 def test_the_results_hold_base_novel_and_hm_per_held_out_domain(b2n_run):
     results = json.loads((b2n_run / "results.json").read_text())
     assert results["classes"] == {"base": list(BASE), "novel": list(NOVEL)}
-    assert len(results["runs"]) == 2 * 3 * 2
+    assert len(results["runs"]) == 2 * 2 * 2
     for run in results["runs"]:
         assert run["acc"] == run["acc_hm"] == statistics.harmonic_mean([run["acc_base"], run["acc_novel"]])
         assert {"acc_base_last", "acc_novel_last", "acc_hm_last", "acc_base_oracle", "acc_novel_oracle"} <= set(run)
     clients = json.loads((b2n_run / "clients.json").read_text())
     assert all(p.split("/")[1] in BASE for c in clients["1"].values() for p in c["train"])
     rounds = [json.loads(line) for line in (b2n_run / "rounds.jsonl").read_text().splitlines()]
-    ev = next(r for r in rounds if r["method"] == "trip")["eval"]["bma"]
+    ev = next(r for r in rounds if r["method"] == "promptfl")["eval"]["server"]
     assert ev["val"] == ev["val_base"] and ev["val_mean"] == ev["val_base_mean"]  # selection: base classes only
     assert {"val_novel", "val_novel_mean", "val_hm", "target_base", "target_novel"} <= set(ev)
 
@@ -179,7 +178,8 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> None:
 @pytest.mark.flower
 def test_both_engines_give_the_same_base2novel_results(pacs, tmp_path):
     cfg = parse_config(_cfg(pacs, seeds=[1], data={"name": "pacs", "root": str(pacs), "targets": ["photo"]},
-                            methods=[METHODS[0], METHODS[1], {"name": "fedotp", "n_ctx": 2}]))
+                            train={"rounds": 1, "batch_size": 8, "lr": 0.002},
+                            methods=[METHODS[0], {"name": "fedotp", "n_ctx": 2}]))
     run_experiment(cfg, tmp_path / "inprocess")
     run_experiment(cfg, tmp_path / "flower", engine="flower")
 

@@ -224,10 +224,12 @@ def _execute(cfg, out: Path, again: str, note: str, engine: str = "inprocess", r
         if isinstance(err, KeyboardInterrupt):
             raise _interrupted(err, out, again) from None
         raise
-    from trip.results import table_rows, text_table
+    from trip.results import accuracy_tables, text_table
 
-    print(f"\n{cfg.name}: target accuracy (%) per held-out domain, selected by source validation\n")
-    print(text_table(*table_rows(runs, cfg.data.name)))
+    for title, header, rows in accuracy_tables(runs, cfg.data.name):
+        print(f"\n{cfg.name}: target accuracy (%) per held-out domain{', ' + title if title else ''}, selected by "
+              f"source validation\n")
+        print(text_table(header, rows))
     print(f"\n{len(runs)} runs in {time.perf_counter() - start:.0f} s; run folder: {out}")
     if note:
         print(note)

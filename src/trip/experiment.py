@@ -68,6 +68,7 @@ def _in_process(ws: Workspace, out: Path) -> Federate:
 def _run_all(ws: Workspace, out: Path, runs: list[dict], federate: Federate) -> list[dict]:
     cfg = ws.cfg
     done = {(r["method"], r["target"], r["seed"]) for r in runs}
+    classes = ws.class_split.names(ws.dataset.classes) if ws.class_split else None
     _write_clients(ws, out)
     with (out / "rounds.jsonl").open("a") as rounds_file:
         for seed in cfg.seeds:
@@ -75,7 +76,7 @@ def _run_all(ws: Workspace, out: Path, runs: list[dict], federate: Federate) -> 
                 for target in targets_of(cfg, ws.dataset):
                     if (method.label, target, seed) not in done:
                         runs.append(_run_one(ws, out, method, target, seed, rounds_file, federate))
-                        results.write_results(out, cfg, runs, skipped_images=ws.skipped_images)
+                        results.write_results(out, cfg, runs, skipped_images=ws.skipped_images, classes=classes)
     results.write_summary(out, cfg, runs)
     expert_usage.write(ws, out)  # before the figures: they read it
     from trip import viz  # matplotlib: imported only where figures are drawn (not in Flower workers)

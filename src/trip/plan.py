@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 
+from trip.classes import ClassSplit, class_split
 from trip.config import BackboneCfg, ExperimentCfg, method_label
 from trip.data.datasets import DatasetSpec, dataset_root, get_dataset
 from trip.data.folder import Domain, split_indices, subsample
@@ -19,7 +20,7 @@ from trip.federation.partition import few_shot, partition
 from trip.methods import comm_params, upload_params
 from trip.results import text_table
 from trip.tinyclip import TINY_CFG
-from trip.workspace import split_problems, targets_of
+from trip.workspace import check_protocol, split_problems, targets_of
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -56,7 +57,9 @@ def make_plan(cfg: ExperimentCfg) -> Plan:
     widths = backbone_widths(cfg.backbone)
     weights = describe_weights(cfg.backbone)
     spec, where, labels, warnings = _scan(cfg, spec)
-    domains = {d: _split_sizes(cfg, lab, list(spec.domains).index(d), d) for d, lab in labels.items()}
+    check_protocol(cfg, spec)
+    cut = class_split(cfg.protocol, spec.classes)
+    domains = {d: _split_sizes(cfg, lab, list(spec.domains).index(d), d, cut) for d, lab in labels.items()}
     warnings += [f"{d}: {n} of {len(spec.classes)} classes have no images" for d, lab in labels.items()
                  if (n := int((np.bincount(lab, minlength=len(spec.classes)) == 0).sum()))]
     warnings += split_problems(cfg, spec, {d: p.images for d, p in domains.items()})
@@ -108,17 +111,19 @@ def _scan(cfg: ExperimentCfg, spec: DatasetSpec) -> tuple[DatasetSpec, str, dict
     return spec, str(root), {d: dom.labels for d, dom in domains.items()}, warnings
 
 
-def _split_sizes(cfg: ExperimentCfg, labels: np.ndarray, domain_idx: int, domain: str) -> DomainPlan:
+def _split_sizes(cfg: ExperimentCfg, labels: np.ndarray, domain_idx: int, domain: str,
+                 cut: ClassSplit | None) -> DomainPlan:
     """The split sizes do not depend on the seed; a Dirichlet partition's client sizes and a few-shot client's
-    train size do (the first seed's)."""
+    train size do (the first seed's). Under base2novel (`cut`) the train sizes count base-class images only."""
     vf, seed = cfg.data.val_fraction, cfg.seeds[0]
     train, val = split_indices(len(labels), vf, seed=0)
     clients = []
     for client_no, idx in enumerate(partition(labels, cfg.federation, seed, domain_idx, domain)):
         train_pos, val_pos = split_indices(len(idx), vf, seed)
-        shots = few_shot(labels[idx[train_pos]], cfg.data.shots_per_class, seed, domain_idx, client_no)
+        trained = cut.trained(labels, idx[train_pos]) if cut else idx[train_pos]
+        shots = few_shot(labels[trained], cfg.data.shots_per_class, seed, domain_idx, client_no)
         clients.append((len(shots), len(val_pos)))
-    return DomainPlan(len(labels), len(train), len(val), clients)
+    return DomainPlan(len(labels), len(cut.trained(labels, train) if cut else train), len(val), clients)
 
 
 def format_plan(plan: Plan) -> str:
@@ -139,6 +144,7 @@ def format_plan(plan: Plan) -> str:
         f"held-out domain(s) = {plan.runs} runs; {(len(spec.domains) - 1) * f.clients_per_domain} clients per run; "
         f"{t.rounds} rounds × {t.local_epochs} local epoch(s), batch {t.batch_size}",
         f"clients   {_federation(cfg)}",
+        *_classes_line(plan),
         *([f"few-shot  {cfg.data.shots_per_class} train image(s) per class per client (fewer where a class has "
            f"fewer); validation and held-out sets whole"] if cfg.data.shots_per_class else []),
         "",
@@ -151,6 +157,16 @@ def format_plan(plan: Plan) -> str:
     if plan.warnings:
         lines += ["", "warnings", *(f"  - {w}" for w in plan.warnings)]
     return "\n".join(lines)
+
+
+def _classes_line(plan: Plan) -> list[str]:
+    cut = class_split(plan.cfg.protocol, plan.dataset.classes)
+    if cut is None:
+        return []
+    names = cut.names(plan.dataset.classes)
+    return [f"classes   base2novel: clients train on the {len(cut.base)} base classes ({', '.join(names['base'])}); "
+            f"validation and held-out sets are scored on them and on the {len(cut.novel)} novel ones "
+            f"({', '.join(names['novel'])})"]
 
 
 def _held_out_table(plan: Plan) -> str:

@@ -17,7 +17,7 @@ from trip.config import load_config
 from trip.errors import TripError
 from trip.outputs import check_writable
 from trip.paper import SOURCE, published
-from trip.results import SELECTION_RULES, Planned, markdown_table, table_rows
+from trip.results import BASE2NOVEL_NOTE, SELECTION_RULES, Planned, accuracy_tables, markdown_table, table_rows
 from trip.viz import FIGURES_DIR, RunFiles, draw_run_figures
 
 FIGURE_CAPTIONS = {  # file in <run>/figures/ -> caption, in report order
@@ -25,6 +25,7 @@ FIGURE_CAPTIONS = {  # file in <run>/figures/ -> caption, in report order
     "train_loss.png": "Local training loss per client and round",
     "expert_usage.png": "Expert usage per domain: mean mixture weight and top-expert share",
     "communication.png": "Communication per round",
+    "base2novel.png": "Base-to-novel: base, novel and HM accuracy per method (mean ± std over seeds)",
 }
 # What the tables read of each results.json entry.
 RESULT_KEYS = {"method", "target", "seed", "acc", "comm_params_per_round", "comm_bytes_per_round", "rounds", "time_s"}
@@ -147,22 +148,24 @@ def _unfinished(runs: list[Run]) -> str:
 
 
 def _accuracy(runs: list[Run]) -> str:
-    """One table per (data set, held-out domains); the runs' rows side by side, each method's row followed by
-    the paper's numbers where published."""
+    """One table per (data set, held-out domains), three (base, novel, HM) for base2novel runs; the runs' rows side
+    by side, each method's row followed by the paper's numbers where published."""
     groups: dict[tuple, tuple[list[str], list[list[str]]]] = {}
     for run in runs:
-        header, rows = table_rows(run.runs, run.dataset, run.planned)
-        _, all_rows = groups.setdefault((run.dataset, *header), (["run", *header], []))
-        all_rows += [[run.label, *row] for row in rows]
+        for title, header, rows in accuracy_tables(run.runs, run.dataset, run.planned):
+            _, all_rows = groups.setdefault((run.dataset, title, *header), (["run", *header], []))
+            all_rows += [[run.label, *row] for row in rows]
     lines = ["## Target accuracy (%)", "",
              "Model selection: source validation. "
              "Accuracy on each held-out domain at the round with the best mean source-validation accuracy "
              "(BMA model for TRIP, server model otherwise); mean ± std over seeds where there are several. "
              "params/round: parameters one client sends per round."]
-    if any(published(run.dataset, r["method"]) for run in runs for r in run.runs):
+    if any(published(run.dataset, r["method"]) for run in runs for r in run.runs if "acc_hm" not in r):
         lines[-1] += f" Rows \"(paper)\": {SOURCE}; \"(ours − paper)\": our mean minus the published number."
-    for (dataset, *_), (header, rows) in groups.items():
-        lines += ["", f"### Data set `{dataset}`", "", markdown_table(header, rows)]
+    if any(title for _, title, *_ in groups):
+        lines += ["", BASE2NOVEL_NOTE]
+    for (dataset, title, *_), (header, rows) in groups.items():
+        lines += ["", f"### Data set `{dataset}`" + (f": {title}" if title else ""), "", markdown_table(header, rows)]
     return "\n".join(lines)
 
 
@@ -182,7 +185,9 @@ def _other_selections(runs: list[Run]) -> str:
     return "\n".join(["## Target accuracy (%) under other model-selection rules", "",
                       "Not the headline numbers (those select by source validation, above). \"last round\": the "
                       "final round's model. \"test-selected (oracle)\": the round with the best accuracy on the "
-                      "held-out domain itself, which looks at the test set; an upper bound, never a result.", *lines])
+                      "held-out domain itself, which looks at the test set; an upper bound, never a result. For a "
+                      "base2novel run the accuracy is the HM of base and novel (results.json holds each part's "
+                      "too, e.g. `acc_novel_last`).", *lines])
 
 
 def _human_bytes(n: float) -> str:

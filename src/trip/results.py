@@ -14,11 +14,12 @@ from trip.data.datasets import get_dataset
 from trip.paper import PAPER_COMM, SOURCE, published
 
 
-def write_results(out: Path, cfg: ExperimentCfg, runs: list[dict],
-                  skipped_images: dict[str, int] | None = None) -> None:
-    """`skipped_images`: unreadable images left out per domain (data.skip_bad_images)."""
+def write_results(out: Path, cfg: ExperimentCfg, runs: list[dict], skipped_images: dict[str, int] | None = None,
+                  classes: dict[str, list[str]] | None = None) -> None:
+    """`skipped_images`: unreadable images left out per domain (data.skip_bad_images); `classes`: base2novel's
+    base and novel class names (`trip.classes`)."""
     doc = {"experiment": cfg.name, "dataset": cfg.data.name, "backbone": cfg.backbone.model_dump(),
-           "skipped_images": skipped_images or {}, "runs": runs}
+           "skipped_images": skipped_images or {}, **({"classes": classes} if classes else {}), "runs": runs}
     tmp = out / "results.json.tmp"
     tmp.write_text(strict_json(doc, indent=2))
     os.replace(tmp, out / "results.json")
@@ -59,6 +60,12 @@ class Planned:
         return [(m, t, s) for s in self.seeds for m in self.methods for t in self.targets if (m, t, s) not in done]
 
 
+BASE2NOVEL_NOTE = (
+    "Base-to-novel (`protocol: base2novel`, results.json \"classes\"): clients train on the base classes only, and "
+    "the round is selected on base-class source validation. Base: the held-out domain's base-class images scored "
+    "among the base classes; novel: its novel-class images among the novel classes; HM: their harmonic mean "
+    "(`acc`, `acc_last` and `acc_oracle` are the HM). Mean ± std over seeds.")
+
 # The model-selection rules every entry records (trip.federation.rounds.select_round): entry key -> label.
 SELECTION_RULES = {"acc": "source validation", "acc_last": "last round", "acc_oracle": "test-selected (oracle)"}
 
@@ -87,6 +94,21 @@ def table_rows(runs: list[dict], dataset: str | None = None, planned: Planned | 
         if paper:
             rows += _paper_rows(m, paper, targets, [*per_target, per_seed_avg], seeds_planned)
     return header, rows
+
+
+# The headline accuracies of a base2novel entry (trip.classes): entry key -> the table's title.
+PART_TABLES = {"acc_base": "base classes", "acc_novel": "novel classes",
+               "acc_hm": "harmonic mean (HM) of base and novel"}
+
+
+def accuracy_tables(runs: list[dict], dataset: str | None = None,
+                    planned: Planned | None = None) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The headline tables as (title, header, rows): one (`table_rows`, with the paper's rows where published),
+    or for base2novel entries one per part, base, novel and HM, each methods × held-out domains with its own
+    average (that of HM is the mean of the per-domain HMs); never the paper's rows, which are not base-to-novel."""
+    if not any("acc_hm" in r for r in runs):
+        return [("", *table_rows(runs, dataset, planned))]
+    return [(title, *table_rows(runs, planned=planned, key=key)) for key, title in PART_TABLES.items()]
 
 
 def _paper_rows(label: str, paper: dict[str, float], targets: list[str], ours: list[list[float]],
@@ -127,7 +149,7 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict]) -> str:
-    header, rows = table_rows(runs, cfg.data.name)
+    tables = accuracy_tables(runs, cfg.data.name)
     labels = ", ".join(method_label(m) for m in cfg.methods)
     text = "\n".join([
         f"# {cfg.name}",
@@ -140,8 +162,9 @@ def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict]) -> str:
         "parameters one client sends per round (fp32). results.json also holds each run's last-round accuracy "
         "(`acc_last`) and its test-selected accuracy (`acc_oracle`, an upper bound that looks at the test set); "
         "`trip report` tables them.",
-        "",
-        markdown_table(header, rows),
+        *(["", BASE2NOVEL_NOTE] if len(tables) > 1 else []),
+        *(line for title, header, rows in tables
+          for line in ["", *([f"## Target accuracy (%): {title}", ""] if title else []), markdown_table(header, rows)]),
         "",
         *([f"Rows \"(paper)\": {SOURCE}; \"(ours − paper)\" is our mean minus the published number.", ""]
           if any(published(cfg.data.name, r["method"]) for r in runs) else []),

@@ -80,6 +80,10 @@ class PromptTokens:
         """Full sequence length L (the model's context length)."""
         return 1 + self.n_ctx + self.suffix.shape[1]
 
+    def __getitem__(self, classes: list[int]) -> PromptTokens:
+        """The tokens of some classes (`Split.columns`): those of a method built on that class list."""
+        return PromptTokens(self.prefix[classes], self.suffix[classes], self.eot[classes], self.n_ctx)
+
     def to(self, device: torch.device | str) -> PromptTokens:
         return PromptTokens(self.prefix.to(device), self.suffix.to(device), self.eot.to(device), self.n_ctx)
 

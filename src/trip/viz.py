@@ -279,6 +279,7 @@ def draw_run_figures(run: RunFiles, dest: Path) -> list[Path]:
     drawers: dict[str, Callable[[RunFiles], Figure | None]] = {
         "accuracy.png": accuracy_figure, "train_loss.png": train_loss_figure,
         "expert_usage.png": expert_usage_figure, "communication.png": communication_figure,
+        "base2novel.png": base2novel_figure,
     }
     written = []
     for name, draw in drawers.items():
@@ -323,14 +324,22 @@ def _shared_legend(fig: Figure, axes: np.ndarray, order: list[str] | None = None
                    ncol=min(4, len(handles)), frameon=False)
 
 
+ACCURACY_ROWS = (("target", "held-out target\naccuracy (%)"), ("val_mean", "mean source-val\naccuracy (%)"))
+BASE2NOVEL_ROWS = (("target_base", "held-out target\nbase classes (%)"),
+                   ("target_novel", "held-out target\nnovel classes (%)"),
+                   ("target", "held-out target\nHM base/novel (%)"),
+                   ("val_mean", "mean source-val\nbase classes (%)"))
+
+
 def accuracy_figure(run: RunFiles) -> Figure | None:
     """Held-out target and mean source-validation accuracy per round; server solid, BMA dashed; a method that
     does not train is a dotted level."""
     if not run.rounds:
         return None
     targets, methods = _ordered(r["target"] for r in run.rounds), _ordered(r["method"] for r in run.rounds)
-    rows = (("target", "held-out target\naccuracy (%)"), ("val_mean", "mean source-val\naccuracy (%)"))
-    fig, axes = _panel_grid(2, len(targets), f"{run.name}: accuracy per round (mean over seeds)")
+    parts = any("target_base" in ev for r in run.rounds for ev in r["eval"].values())
+    rows = BASE2NOVEL_ROWS if parts else ACCURACY_ROWS
+    fig, axes = _panel_grid(len(rows), len(targets), f"{run.name}: accuracy per round (mean over seeds)")
     for j, target in enumerate(targets):
         for i, (field, ylabel) in enumerate(rows):
             ax = axes[i, j]
@@ -423,6 +432,30 @@ def _stacked_usage(ax: Axes, domains: dict[str, dict], field: str) -> None:
     ax.set_xlim(0, 1)
     ax.invert_yaxis()
     ax.set_ylabel("domain")
+
+
+def base2novel_figure(run: RunFiles) -> Figure | None:
+    """Base, novel and HM accuracy of each method (base2novel runs only): the mean over held-out domains, bars at
+    the mean over seeds, whiskers ± the std over seeds."""
+    runs = [r for r in run.results.get("runs", []) if r.get("acc_hm") is not None]
+    if not runs:
+        return None
+    methods = _ordered(r["method"] for r in runs)
+    fig = Figure(figsize=(max(6.0, 1.6 * len(methods) + 2), 4.2), layout="constrained")
+    ax = fig.subplots()
+    fig.suptitle(f"{run.name}: base-to-novel accuracy (mean over held-out domains; ± std over seeds)")
+    width = 0.8 / 3
+    for i, (key, label) in enumerate((("acc_base", "base"), ("acc_novel", "novel"), ("acc_hm", "HM"))):
+        per_seed = [[statistics.fmean(r[key] for r in runs if r["method"] == m and r["seed"] == s)
+                     for s in _ordered(r["seed"] for r in runs if r["method"] == m)] for m in methods]
+        ax.bar(np.arange(len(methods)) + (i - 1) * width, [statistics.fmean(v) for v in per_seed], width,
+               yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_seed], capsize=3, label=label,
+               color=series_color(i), edgecolor="black", linewidth=0.6)
+    ax.set_xticks(np.arange(len(methods)), methods)
+    ax.set_ylabel("held-out target accuracy (%)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(frameon=False, ncol=3)
+    return fig
 
 
 def _byte_unit(largest: float) -> tuple[float, str]:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from trip.backbone import Backbone, load_backbone, resolve_device
-from trip.config import ExperimentCfg
+from trip.classes import ClassSplit, check_methods, class_split
+from trip.config import ExperimentCfg, method_label
 from trip.data.datasets import DatasetSpec, dataset_root, get_dataset
 from trip.data.folder import Domain, split_indices
 from trip.data.loading import load_domains
@@ -21,7 +22,7 @@ from trip.errors import TripError
 from trip.features import DomainFeatures, FrozenStore, Inputs
 from trip.federation.partition import client_names, few_shot, partition
 from trip.federation.rounds import Client
-from trip.methods import build_method
+from trip.methods import build_method, method_class
 from trip.methods.base import Method, PatchRows, Split
 from trip.paths import cache_dir
 
@@ -42,6 +43,11 @@ class Workspace:
     def inputs(self) -> Inputs:
         return experiment_inputs(self.methods)
 
+    @property
+    def class_split(self) -> ClassSplit | None:
+        """base2novel's base and novel classes (trip.classes); None: every class is trained and tested."""
+        return class_split(self.cfg.protocol, self.dataset.classes)
+
     def split(self, domain: str, index) -> Split:
         """The images at `index` of `domain`, with every input the experiment's methods declared."""
         f, inputs = self.frozen[domain], self.inputs
@@ -55,7 +61,9 @@ class Workspace:
         views |= {k: v[idx].to(dev) for k, v in f.routing.items()}
         if inputs.patches:
             views["patches"] = PatchRows(f.patches, idx)
-        return Split(torch.as_tensor(self.domains[domain].labels[index]).to(dev), views, dev)
+        cut = self.class_split
+        return Split(torch.as_tensor(self.domains[domain].labels[index]).to(dev), views, dev,
+                     parts=cut.parts if cut else None)
 
     def clients(self, target: str, seed: int) -> list[Client]:
         """Every source client of the run, in canonical order (domain order, then client number)."""
@@ -84,6 +92,8 @@ class Workspace:
                                 f"{len(val_pos)} validation (data.val_fraction {vf}): raise "
                                 f"federation.min_client_size so that each client gets both")
             train = idx[train_pos]
+            if self.class_split:  # clients never see a novel class's image
+                train = self.class_split.trained(labels, train)
             shots = train[few_shot(labels[train], self.cfg.data.shots_per_class, seed, domain_idx, client_no)]
             out[name] = (shots, idx[val_pos], len(idx) - len(train) + len(shots))
         return out
@@ -98,13 +108,17 @@ class Workspace:
                 out[name] = {"train": [paths[i] for i in train], "val": [paths[i] for i in val]}
                 if k is not None:
                     counts = np.bincount(labels[train], minlength=len(self.dataset.classes))
-                    out[name]["classes_under_shots"] = {self.dataset.classes[c]: int(n) for c, n in enumerate(counts)
-                                                        if n < k}
+                    trained = self.class_split.base if self.class_split else range(len(counts))
+                    out[name]["classes_under_shots"] = {self.dataset.classes[c]: int(counts[c]) for c in trained
+                                                        if counts[c] < k}
         return out
 
     def _client(self, domain: str, name: str, train: np.ndarray, val: np.ndarray, images: int) -> Client:
         weight = images if self.cfg.train.fedavg_weight == "images" else len(train)
-        return Client(name, self.split(domain, train), self.split(domain, val), weight)
+        train_split = self.split(domain, train)
+        if self.class_split:  # scored among the base classes only
+            train_split = train_split.of_classes(self.class_split.base)
+        return Client(name, train_split, self.split(domain, val), weight)
 
     def target(self, name: str) -> Split:
         return self.split(name, list(range(len(self.domains[name]))))
@@ -131,12 +145,19 @@ def prepare(cfg: ExperimentCfg, only: list[str] | None = None) -> Workspace:
     if problems:
         raise TripError("\n  ".join(["a domain's split is empty, so the runs cannot train or select a round:",
                                         *problems]))
+    check_protocol(cfg, spec)
     device = resolve_device(cfg.device)
     backbone = load_backbone(cfg.backbone, device)
     methods = [build_method(m, backbone, spec.classes) for m in cfg.methods]
     store = FrozenStore(backbone, cache_dir())
     frozen = {d: store.load(spec.name, dom, experiment_inputs(methods)) for d, dom in domains.items()}
     return Workspace(cfg, backbone, spec, domains, frozen, methods, data.skipped_counts())
+
+
+def check_protocol(cfg: ExperimentCfg, spec: DatasetSpec) -> None:
+    """Refuses a protocol the data set or a method cannot run (`trip.classes`)."""
+    class_split(cfg.protocol, spec.classes)
+    check_methods(cfg.protocol, {method_label(m): method_class(m).novel_classes for m in cfg.methods})
 
 
 def split_problems(cfg: ExperimentCfg, spec: DatasetSpec, sizes: dict[str, int]) -> list[str]:

@@ -62,7 +62,12 @@ def accuracy(method: Method, params: Tensors, split: Split) -> float:
     if len(split) == 0:
         return math.nan
     correct = 0
+    columns = len(method.class_names) if split.classes is None else len(split.classes)
     for start in range(0, len(split), method.eval_batch_size):
         batch = split.take(slice(start, start + method.eval_batch_size))
-        correct += (method.logits(params, batch).argmax(-1) == batch.labels).sum().item()
+        logits = method.logits(params, batch)
+        if logits.shape[-1] != columns:
+            raise TripError(f"{method.label} scored {logits.shape[-1]} classes on a split of {columns}: a method "
+                            f"that sets novel_classes must score a batch among its Split.classes only")
+        correct += (logits.argmax(-1) == batch.labels).sum().item()
     return 100.0 * correct / len(split)

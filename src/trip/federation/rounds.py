@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trip.checkpoint import FederationState
+from trip.classes import harmonic_mean
 from trip.config import FederationCfg, TrainCfg
 from trip.errors import TripError
 from trip.federation.client import accuracy
@@ -157,17 +158,34 @@ class Server:
                                self.history, privates, self.uploads)
 
 
-def eval_record(val: dict[str, dict[str, float]], target: dict[str, float]) -> dict:
-    """`val`: model -> domain -> accuracy; `target`: model -> accuracy. The "eval" entry of a round record."""
-    return {m: {"val": v, "val_mean": sum(v.values()) / len(v), "target": target.get(m, math.nan)}
-            for m, v in val.items()}
+def eval_record(val: dict[str, dict[str, dict[str, float]]], target: dict[str, dict[str, float]]) -> dict:
+    """`val`: model -> client -> part -> accuracy; `target`: model -> part -> accuracy (parts: `Split.parts`).
+    The "eval" entry of a round record: "val" per client and "val_mean" are the first part's (what selects the
+    round), "target" the harmonic mean over the parts (with one part, its accuracy). With several parts (base and
+    novel, `trip.classes`), each part's also: "val_<part>", "val_<part>_mean", "target_<part>", and "val_hm"."""
+    out = {}
+    for m, per_client in val.items():
+        parts = list(next(iter(per_client.values())))
+        acc = {p: {c: a[p] for c, a in per_client.items()} for p in parts}
+        means = {p: sum(acc[p].values()) / len(acc[p]) for p in parts}
+        tgt = {p: target.get(m, {}).get(p, math.nan) for p in parts}
+        out[m] = {"val": acc[parts[0]], "val_mean": means[parts[0]], "target": harmonic_mean(list(tgt.values()))}
+        if len(parts) > 1:
+            out[m] |= {k: v for p in parts for k, v in ((f"val_{p}", acc[p]), (f"val_{p}_mean", means[p]))}
+            out[m] |= {"val_hm": harmonic_mean(list(means.values())), **{f"target_{p}": tgt[p] for p in parts}}
+    return out
+
+
+def part_accuracies(method: Method, params: Tensors, split: Split) -> dict[str, float]:
+    """Accuracy on each part of the split (`Split.parts`), by part name."""
+    return {name: accuracy(method, params, part) for name, part in split.parts().items()}
 
 
 def evaluate(method: Method, models: dict[str, Tensors], clients: list[Client], target: Split) -> dict:
     """Source-validation accuracy per client (every source client, sampled or not), their mean, and target
-    accuracy, for each deployed model."""
-    val = {m: {c.name: accuracy(method, p, c.val) for c in clients} for m, p in models.items()}
-    return eval_record(val, {m: accuracy(method, p, target) for m, p in models.items()})
+    accuracy, for each deployed model and each part of the splits."""
+    val = {m: {c.name: part_accuracies(method, p, c.val) for c in clients} for m, p in models.items()}
+    return eval_record(val, {m: part_accuracies(method, p, target) for m, p in models.items()})
 
 
 def round_record(r: int, lr: float, taking_part: dict[str, list[str]], accepted: list[Accepted] | list[Report],
@@ -192,7 +210,19 @@ def select_round(history: list[dict], model: str) -> dict:
             "acc": best["eval"][model]["target"],
             **{f"acc_{name}": ev["target"] for name, ev in best["eval"].items()},
             "last_round": last["round"], "acc_last": last["eval"][model]["target"],
-            "oracle_round": oracle["round"], "acc_oracle": oracle["eval"][model]["target"]}
+            "oracle_round": oracle["round"], "acc_oracle": oracle["eval"][model]["target"],
+            **_part_accuracies({"": best, "_last": last, "_oracle": oracle}, model)}
+
+
+def _part_accuracies(rounds: dict[str, dict], model: str) -> dict[str, float]:
+    """With several parts (base2novel): each part's target accuracy and their harmonic mean ("acc_hm", equal to
+    "acc") at each rule's round, e.g. acc_novel, acc_novel_last, acc_novel_oracle."""
+    out = {}
+    for suffix, record in rounds.items():
+        ev = record["eval"][model]
+        parts = {k.removeprefix("target_"): v for k, v in ev.items() if k.startswith("target_")}
+        out |= {f"acc_{p}{suffix}": v for p, v in [*parts.items(), *([("hm", ev["target"])] if parts else [])]}
+    return out
 
 
 def _or_lowest(acc: float) -> float:

@@ -11,7 +11,10 @@ A method declares, besides its forward pass (`loss`, `logits`):
   differs from how clients train. A client uploads `target_upload` once (counted by `count_upload`, apart from the
   per-round cost); `target_model` builds the deployed model from the shared tensors and every client's upload.
   That deployed model is what `logits` gets for evaluation, on the target *and* on the source validation splits
-  that select the round, so the round is selected for the model that is deployed."""
+  that select the round, so the round is selected for the model that is deployed;
+- `novel_classes`: whether it can score classes no client trained on (base-to-novel, `trip.classes`). Such a
+  method honours `Split.classes`: `loss` and `logits` score a batch among the split's classes only, each class's
+  logit computed as if the method had been built on that class list."""
 
 from __future__ import annotations
 
@@ -43,13 +46,21 @@ class PatchRows:
 class Split:
     """The frozen view of some images: labels and named inputs ("features" [n, E] L2-normalised, "norms" [n],
     "cls" [n, Dv], "patches" [n, grid², E], RoutingSpec.key() [n, M]), all a method needs to train or predict.
-    `split[name]` gives one input on the split's device; patch tokens are read from disk then."""
+    `split[name]` gives one input on the split's device; patch tokens are read from disk then.
+
+    `classes`: the class columns its images are scored among (indices into the method's class list; a label is
+    a position in this tuple); None: every class, a label is a class index. `parts`: how evaluation scores the
+    split (`parts()`), None: as a whole."""
 
     def __init__(self, labels: torch.Tensor, inputs: dict[str, torch.Tensor | PatchRows],
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, classes: tuple[int, ...] | None = None,
+                 parts: dict[str, tuple[int, ...]] | None = None):
         self.labels = labels  # [n] int64
         self.inputs = inputs
         self.device = device or labels.device
+        self.classes = classes
+        self.part_classes = parts
+        self._parts: dict[str, Split] | None = None
 
     @property
     def features(self) -> torch.Tensor:
@@ -68,7 +79,31 @@ class Split:
         return len(self.labels)
 
     def take(self, idx: torch.Tensor | slice) -> Split:
-        return Split(self.labels[idx], {k: v[idx] for k, v in self.inputs.items()}, self.device)
+        return Split(self.labels[idx], {k: v[idx] for k, v in self.inputs.items()}, self.device, self.classes)
+
+    def of_classes(self, classes: tuple[int, ...]) -> Split:
+        """Its images of `classes` (class indices), scored among those classes only."""
+        if self.classes is not None:
+            raise ValueError("of_classes cuts a split scored among every class")
+        cols = torch.as_tensor(classes, dtype=torch.int64, device=self.labels.device)
+        keep = torch.isin(self.labels, cols).nonzero().squeeze(1)
+        position = torch.full((int(max(classes)) + 1,), -1, dtype=torch.int64, device=self.labels.device)
+        position[cols] = torch.arange(len(classes), device=self.labels.device)
+        part = self.take(keep)
+        return Split(position[part.labels], part.inputs, self.device, tuple(classes))
+
+    def parts(self) -> dict[str, Split]:
+        """What evaluation scores separately, by name: the split itself (""), or each of `part_classes`' parts
+        (`of_classes`), the first one the part that selects the round. Built once."""
+        if self.part_classes is None:
+            return {"": self}
+        if self._parts is None:
+            self._parts = {name: self.of_classes(cols) for name, cols in self.part_classes.items()}
+        return self._parts
+
+    def columns(self, per_class):
+        """The rows of a per-class tensor (or `PromptTokens`) for the classes this split is scored among."""
+        return per_class if self.classes is None else per_class[list(self.classes)]
 
 
 class Method:
@@ -76,6 +111,7 @@ class Method:
     same model for training and the held-out domain."""
 
     uses_bma = False
+    novel_classes = False  # it scores classes no client trained on, honouring Split.classes (module docstring)
     eval_batch_size = 256
     aggregation: Literal["weighted", "uniform"] = "weighted"
 

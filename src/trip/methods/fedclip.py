@@ -20,6 +20,8 @@ TEMPLATE = "a picture of a {}"
 
 
 class FedCLIP(Method):
+    novel_classes = True
+
     def __init__(self, cfg, backbone, class_names):
         super().__init__(cfg, backbone, class_names)
         texts = [TEMPLATE.format(prompt_name(c)) for c in class_names]
@@ -53,9 +55,10 @@ class FedCLIP(Method):
         return F.normalize(attention * f, dim=-1)
 
     def logits(self, params: dict[str, torch.Tensor], batch: Split) -> torch.Tensor:
-        return self.backbone.logit_scale * self.adapted(params, batch) @ self.text.T
+        return self.backbone.logit_scale * self.adapted(params, batch) @ batch.columns(self.text).T
 
     def loss(self, params: dict[str, torch.Tensor], batch: Split) -> torch.Tensor:
-        per_image = self.backbone.logit_scale * self.adapted(params, batch) @ self.text[batch.labels].T  # [b, b]
+        texts = batch.columns(self.text)[batch.labels]  # [b, E]: each image's own class text
+        per_image = self.backbone.logit_scale * self.adapted(params, batch) @ texts.T  # [b, b]
         pairs = torch.arange(len(batch), device=per_image.device)
         return (F.cross_entropy(per_image, pairs) + F.cross_entropy(per_image.T, pairs)) / 2

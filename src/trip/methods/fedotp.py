@@ -20,6 +20,9 @@ UPLOADS_LOCAL = ("global_plus_mean_local", "source_ensemble")
 
 class FedOTP(Method):
     eval_batch_size = 100  # the OT stops on the mean change over the batch: CoOp-style test batches of 100
+    # A class's logit depends on the others only through that stopping rule: scored among a split's classes
+    # (Split.classes), it is the logit of FedOTP built on that class list.
+    novel_classes = True
 
     def __init__(self, cfg, backbone, class_names):
         super().__init__(cfg, backbone, class_names)
@@ -72,15 +75,15 @@ class FedOTP(Method):
     def logits(self, params: Tensors, batch: Split) -> torch.Tensor:
         patches = F.normalize(batch["patches"].float(), dim=-1)  # [B, M, E]
         if "locals" in params:  # source_ensemble: the mean logits of the K personalised models [G, L_k]
-            text = self._text(torch.cat([params["global"][None], params["locals"]]))  # [1 + K, C, E]
+            text = self._text(torch.cat([params["global"][None], params["locals"]]), batch)  # [1 + K, C, E]
             return torch.stack([self._ot_logits(patches, text[[0, k]]) for k in range(1, len(text))]).mean(0)
         prompts = [params["global"]] + ([params["local"]] if "local" in params else [])
-        return self._ot_logits(patches, self._text(torch.stack(prompts)))
+        return self._ot_logits(patches, self._text(torch.stack(prompts), batch))
 
-    def _text(self, ctx: torch.Tensor) -> torch.Tensor:
-        """[N, C, E] L2-normalised text features of N prompts over every class, once per batch."""
+    def _text(self, ctx: torch.Tensor, batch: Split) -> torch.Tensor:
+        """[N, C, E] L2-normalised text features of N prompts over the batch's classes, once per batch."""
         with autocast(self.backbone.device):  # bf16 text encoder on GPU; fp32 (a no-op) on CPU
-            text = encode_prompts(self.backbone.model, self.tokens, ctx)
+            text = encode_prompts(self.backbone.model, batch.columns(self.tokens), ctx)
         return F.normalize(text.float(), dim=-1)
 
     def _ot_logits(self, patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ from trip.textenc import build_prompt_tokens, encode_prompts
 
 
 class PromptFL(Method):
+    novel_classes = True
+
     def __init__(self, cfg, backbone, class_names):
         super().__init__(cfg, backbone, class_names)
         self.tokens = build_prompt_tokens(backbone.model, backbone.tokenizer, class_names, cfg.n_ctx)
@@ -25,7 +27,7 @@ class PromptFL(Method):
 
     def logits(self, params: dict[str, torch.Tensor], batch: Split) -> torch.Tensor:
         with autocast(self.backbone.device):  # bf16 text encoder on GPU; fp32 (a no-op) on CPU
-            text = encode_prompts(self.backbone.model, self.tokens, params["ctx"][None])[0]  # [C, E]
+            text = encode_prompts(self.backbone.model, batch.columns(self.tokens), params["ctx"][None])[0]  # [C, E]
         return self.backbone.logit_scale * batch.features @ F.normalize(text.float(), dim=-1).T
 
     def loss(self, params: dict[str, torch.Tensor], batch: Split) -> torch.Tensor:

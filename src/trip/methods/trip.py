@@ -17,6 +17,7 @@ from trip.textenc import build_prompt_tokens, encode_prompts
 
 class Trip(Method):
     eval_batch_size = 64  # every image has its own prompt: a batch encodes batch × classes sequences
+    novel_classes = True  # the teacher too scores the split's classes only
 
     def __init__(self, cfg, backbone, class_names, teacher: torch.Tensor | None = None):
         """`teacher`: [C, E] normalised class features to distil from; None: the zero-shot teacher of cfg.teacher
@@ -72,7 +73,7 @@ class Trip(Method):
         w = self.mixture_weights(params, batch, train).to(params["experts"].dtype)
         ctx = torch.einsum("bm,mlw->blw", w, params["experts"])  # [b, N_CTX, W]
         with autocast(self.backbone.device):  # bf16 text encoder on GPU; fp32 (a no-op) on CPU
-            text = encode_prompts(self.backbone.model, self.tokens, ctx)
+            text = encode_prompts(self.backbone.model, batch.columns(self.tokens), ctx)
         text = F.normalize(text.float(), dim=-1)  # [b, C, E]; logits and loss in fp32
         return self.backbone.logit_scale * torch.einsum("be,bce->bc", batch.features, text)
 
@@ -81,7 +82,7 @@ class Trip(Method):
 
     def loss(self, params: dict[str, torch.Tensor], batch: Split) -> torch.Tensor:
         student = self._student_logits(params, batch, train=True)
-        teacher = self.backbone.logit_scale * batch.features @ self.teacher.T  # frozen zero-shot logits
+        teacher = self.backbone.logit_scale * batch.features @ batch.columns(self.teacher).T  # frozen zero-shot logits
         return distillation_loss(student, teacher, batch.labels, self.cfg.kl_weight)
 
 

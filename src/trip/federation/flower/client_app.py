@@ -7,7 +7,8 @@ Flower's FedRep and FedBN keep theirs), never in a reply, and in its `PrivateSto
 Messages: `query` (which domain do you hold?), `train` (arrays + lr + client number, reply: arrays + upload +
 num-examples; under secure aggregation the four SecAgg+ stages, `train_securely`) and `evaluate` (the deployed
 server and BMA models, reply: the accuracy on each of the node's clients' validation splits, in client order, or
-on its whole domain when it holds the held-out one)."""
+on its whole domain when it holds the held-out one; per part of the splits, `Split.parts`, whose names go in order
+in the reply's "parts" record)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from trip.federation import secure
-from trip.federation.client import ClientUpdate, accuracy, client_update
+from trip.federation.client import ClientUpdate, client_update
 from trip.federation.flower import node, secagg
 from trip.federation.flower.private_store import PrivateStore
-from trip.federation.flower.protocol import MODELS, RunSpec, from_record, node_domain, to_record
-from trip.federation.rounds import Client, round_seed
+from trip.federation.flower.protocol import MODELS, RunSpec, accuracy_key, from_record, node_domain, to_record
+from trip.federation.rounds import Client, part_accuracies, round_seed
 from trip.federation.server import fedavg
 from trip.methods.base import Method, Split, Tensors
 from trip.workspace import Workspace
@@ -133,8 +134,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = Site.of(context)
     splits = site.eval_splits()
     dev = site.ws.backbone.device
-    acc = {name: [accuracy(site.method, params, split) for split in splits]
+    acc = {name: [part_accuracies(site.method, params, split) for split in splits]
            for name in MODELS if name in msg.content.array_records
            for params in [from_record(msg.content[name], dev)]}
-    metrics = MetricRecord({**{f"acc-{k}": v for k, v in acc.items()}, "num-examples": sum(map(len, splits))})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    parts = list(splits[0].parts())  # the same parts for every split of a run
+    metrics = MetricRecord({**{accuracy_key(m, p): [a[p] for a in per_split] for m, per_split in acc.items()
+                               for p in parts}, "num-examples": sum(map(len, splits))})
+    return Message(RecordDict({"metrics": metrics, "parts": ConfigRecord({"names": parts})}), reply_to=msg)

@@ -23,6 +23,12 @@ APP_DIR = Path(__file__).parent / "app"  # the Flower App that `flwr run` bundle
 MODELS = ("server", "bma")  # names of the models a round evaluates (as the in-process engine)
 
 
+def accuracy_key(model: str, part: str) -> str:
+    """The metric of a model's accuracy on a part of the evaluated splits (`Split.parts`): "acc-server" for a
+    whole split, "acc-server-novel" for a part of it; model "": the ServerApp's own target evaluation ("acc")."""
+    return "-".join(["acc", *filter(None, (model, part))])
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One Flower run: one (seed, method, held-out domain) of an experiment."""

@@ -20,11 +20,10 @@ from safetensors.torch import save_file
 from trip.checkpoint import RunCheckpoints
 from trip.errors import TripError
 from trip.federation import secure
-from trip.federation.client import accuracy
 from trip.federation.flower import node
-from trip.federation.flower.protocol import RunSpec, from_record, quiet_root_logger, to_record
+from trip.federation.flower.protocol import RunSpec, accuracy_key, from_record, quiet_root_logger, to_record
 from trip.federation.flower.strategy import Peer, TripStrategy
-from trip.federation.rounds import select_round, selection_model
+from trip.federation.rounds import part_accuracies, select_round, selection_model
 from trip.results import strict_json
 
 app = ServerApp()
@@ -57,9 +56,12 @@ def main(grid: Grid, context: Context) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "rounds.jsonl").write_text("".join(strict_json(r) + "\n" for r in strategy.history))
 
+    target_split = ws.target(spec.target) if not target_peer else None
+
     def evaluate_target(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         params = from_record(arrays, ws.backbone.device)
-        return MetricRecord({"acc": accuracy(method, params, ws.target(spec.target))})
+        return MetricRecord({accuracy_key("", part): acc
+                             for part, acc in part_accuracies(method, params, target_split).items()})
 
     rounds = spec.cfg.train.rounds if method.trainable else 0
     strategy.start(grid, to_record(method.init_params(spec.seed)), num_rounds=rounds, timeout=spec.round_timeout,

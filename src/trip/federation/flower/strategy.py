@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from trip.errors import TripError
 from trip.federation.flower.polling import Backoff
-from trip.federation.flower.protocol import RunSpec, to_record
+from trip.federation.flower.protocol import RunSpec, accuracy_key, to_record
 from trip.federation.flower.secagg import SecureSum, secure_sum
 from trip.federation.partition import client_names
 from trip.federation.rounds import Accepted, Report, Server, eval_record, participation, round_lr, round_record
@@ -172,12 +172,12 @@ class TripStrategy(Strategy):
         records = self._model_records()
         messages = self.configure_evaluate(server_round, records["server"], config or ConfigRecord(), grid)
         self.aggregate_evaluate(server_round, self.exchange(grid, messages, timeout))
-        ev = self.round_state.pop("eval")
+        val, target, parts = self.round_state.pop("eval")
         if self.target_peer is None and evaluate_fn is not None:
             for name, record in records.items():
                 res = evaluate_fn(server_round, record)
-                ev[name]["target"] = float(res["acc"]) if res is not None else math.nan
-        return ev
+                target[name] = {p: float(res[accuracy_key("", p)]) for p in parts} if res is not None else {}
+        return eval_record(val, target)
 
     def _record(self, record: dict) -> None:
         self.server.log(record)
@@ -277,7 +277,8 @@ class TripStrategy(Strategy):
         return [self._message(content, p, MessageType.EVALUATE, server_round) for p in peers]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        acc: dict[str, dict[str, float]] = {}  # client (or the held-out domain) -> model -> accuracy
+        acc: dict[str, dict[str, dict[str, float]]] = {}  # client (or the held-out domain) -> model -> part -> accuracy
+        parts = [""]
         for msg in replies:
             node_id, _ = self._sent.get(msg.metadata.reply_to_message_id, (msg.metadata.src_node_id, None))
             if msg.has_error() or "metrics" not in msg.content.metric_records:
@@ -287,15 +288,19 @@ class TripStrategy(Strategy):
             domain, metrics = self.peers[node_id].domain, msg.content["metrics"]
             names = [domain] if domain == self.spec.target else \
                 client_names(domain, self.spec.cfg.federation.clients_per_domain)
+            if "parts" in msg.content.config_records:
+                parts = [str(p) for p in msg.content["parts"]["names"]]
             for m in self.models:
-                for name, a in zip(names, metrics.get(f"acc-{m}", [math.nan] * len(names)), strict=True):
-                    acc.setdefault(name, {})[m] = float(a)
+                for p in parts:
+                    for name, a in zip(names, metrics.get(accuracy_key(m, p), [math.nan] * len(names)), strict=True):
+                        acc.setdefault(name, {}).setdefault(m, {})[p] = float(a)
         val_clients = [c for c in self.clients if c in acc]
         if not val_clients:
             raise TripError(f"round {server_round - 1}: no source node returned its validation accuracy")
-        ev = eval_record({m: {c: acc[c][m] for c in val_clients} for m in self.models},
-                         {m: a for m, a in acc.get(self.spec.target, {}).items()})
-        self.round_state["eval"] = ev
+        val = {m: {c: acc[c][m] for c in val_clients} for m in self.models}
+        target = dict(acc.get(self.spec.target, {}))
+        self.round_state["eval"] = (val, target, parts)
+        ev = eval_record(val, target)
         return MetricRecord({f"val-mean-{m}": ev[m]["val_mean"] for m in ev})
 
     # --- helpers ----------------------------------------------------------------------------------------

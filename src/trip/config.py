@@ -64,6 +64,18 @@ class TrainCfg(_Strict):
     fedavg_weight: Literal["images", "train"] = "images"
 
 
+class DPCfg(_Strict):
+    """Client-level differential privacy of the shared tensors with Flower's fixed-clipping wrappers
+    (docs/federation.md)."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")  # `.inf` survives the run config
+
+    mode: Literal["client", "server"]  # who clips each update: the ClientApp, or the server; the server adds noise
+    clipping_norm: float = Field(gt=0)  # L2 norm each client's update (new - global tensors) is clipped to; .inf
+    noise_multiplier: float = Field(ge=0, allow_inf_nan=False)  # noise std = this * clipping_norm / clients sampled
+    delta: float = Field(1e-5, gt=0, lt=1)  # the delta of the reported (epsilon, delta)
+
+
 class FederationCfg(_Strict):
     """Who the clients are and who takes part in a round (docs/federation.md)."""
 
@@ -73,6 +85,7 @@ class FederationCfg(_Strict):
     min_client_size: int = Field(5, ge=2)  # images a client must hold; a split that cannot give them is refused
     fraction: float = Field(1.0, gt=0, le=1)  # clients sampled per round (at least one)
     drop_rate: float = Field(0.0, ge=0, lt=1)  # chance that a sampled client fails to report
+    dp: DPCfg | None = None  # differential privacy (Flower engines only)
 
 
 class OptimizerCfg(_Strict):

@@ -4,9 +4,10 @@ the in-process engine (same images, split, seed and client index) and replies wi
 client's target upload only. Each client's private tensors stay in the node's `context.state` across rounds (as
 Flower's FedRep and FedBN keep theirs), never in a reply, and in its `PrivateStore` (for a resumed run).
 
-Messages: `query` (which domain do you hold?), `train` (arrays + lr + client number, reply: arrays + upload +
-num-examples) and `evaluate` (the deployed server and BMA models, reply: the accuracy on each of the node's
-clients' validation splits, in client order, or on its whole domain when it holds the held-out one)."""
+Messages: `query` (which domain do you hold?), `train` (arrays + lr + client number, reply: arrays + upload, where
+the method uploads anything, + num-examples; under client-side DP clipped by Flower's mod, `dp.py`) and
+`evaluate` (the deployed server and BMA models, reply: the accuracy on each of the node's clients' validation
+splits, in client order, or on its whole domain when it holds the held-out one)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from trip.federation.client import accuracy, client_update
 from trip.federation.flower import node
+from trip.federation.flower.dp import clipping_mod
 from trip.federation.flower.private_store import PrivateStore
 from trip.federation.flower.protocol import MODELS, RunSpec, from_record, node_domain, to_record
 from trip.federation.rounds import round_seed
@@ -77,7 +79,7 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"node": ConfigRecord({"domain": site.domain})}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     site = Site.of(context)
     config = msg.content["config"]
@@ -89,9 +91,9 @@ def train(msg: Message, context: Context) -> Message:
                            private=site.private(context, k, r), where=f"client {client.name}, round {r}")
     site.keep_private(context, k, r, update.private)
     metrics = MetricRecord({"num-examples": client.weight, "train-loss": update.loss})
-    upload = to_record(site.method.target_upload(update.private))
-    return Message(RecordDict({"arrays": to_record(update.params), "upload": upload, "metrics": metrics}),
-                   reply_to=msg)
+    upload = site.method.target_upload(update.private)
+    records = {"arrays": to_record(update.params), **({"upload": to_record(upload)} if upload else {})}
+    return Message(RecordDict({**records, "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()

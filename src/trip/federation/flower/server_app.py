@@ -23,6 +23,7 @@ from trip.federation.client import accuracy
 from trip.federation.flower import node
 from trip.federation.flower.protocol import RunSpec, from_record, quiet_root_logger, to_record
 from trip.federation.flower.strategy import Peer, TripStrategy
+from trip.federation.privacy import check_method
 from trip.federation.rounds import select_round, selection_model
 from trip.results import strict_json
 
@@ -37,6 +38,7 @@ def main(grid: Grid, context: Context) -> None:
     sources, target_peer = discover(grid, spec)
     ws = node.workspace(spec.cfg, [] if target_peer else [spec.target])
     method = node.method_of(ws, spec.method)
+    check_method(method, spec.cfg)
     out = Path(spec.out_dir) if spec.out_dir else None
     checkpoints = RunCheckpoints(Path(spec.checkpoint_dir)) if spec.checkpoint_dir and method.trainable else None
     state = checkpoints.latest() if checkpoints else None

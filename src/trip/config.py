@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import typing
 from pathlib import Path
@@ -74,6 +75,13 @@ class DPCfg(_Strict):
     clipping_norm: float = Field(gt=0)  # L2 norm each client's update (new - global tensors) is clipped to; .inf
     noise_multiplier: float = Field(ge=0, allow_inf_nan=False)  # noise std = this * clipping_norm / clients sampled
     delta: float = Field(1e-5, gt=0, lt=1)  # the delta of the reported (epsilon, delta)
+
+    @model_validator(mode="after")
+    def _noise_needs_a_bound(self) -> DPCfg:
+        if math.isinf(self.clipping_norm) and self.noise_multiplier > 0:
+            raise ValueError("an infinite clipping_norm bounds no update, so no noise can protect it (its std "
+                             "would be infinite): give a finite clipping_norm, or noise_multiplier 0")
+        return self
 
 
 class FederationCfg(_Strict):

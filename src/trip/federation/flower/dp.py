@@ -6,7 +6,8 @@ adds Gaussian noise of std noise_multiplier * clipping_norm / clients sampled. C
 norm in the train config, the ClientApp clips its update before replying, the server aggregates and adds the
 same noise. Clipping at an infinite norm leaves an update as it is, but Flower computes it as
 global + (reply - global), which can differ from the reply in the last bit of a float32; at an infinite norm
-trip therefore skips that identity, so that noise 0 gives the plain run's numbers exactly."""
+trip therefore skips that identity, and at noise 0 it adds no noise, so that noise 0 with an infinite norm gives
+the plain run's numbers exactly."""
 
 from __future__ import annotations
 
@@ -26,7 +27,19 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from trip.config import DPCfg
 
 
-class ServerSideClipping(DifferentialPrivacyServerSideFixedClipping):
+class _NoNoiseAtZero:
+    """Noise multiplier 0 adds nothing: Flower would add noise of std 0 * clipping_norm / n, which is NaN at an
+    infinite norm."""
+
+    def _add_noise_to_aggregated_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
+        return arrays if self.noise_multiplier == 0 else super()._add_noise_to_aggregated_arrays(arrays)
+
+
+class ClientSideClipping(_NoNoiseAtZero, DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side wrapper (the ClientApps clip: `clipping_mod`)."""
+
+
+class ServerSideClipping(_NoNoiseAtZero, DifferentialPrivacyServerSideFixedClipping):
     """Flower's server-side wrapper; at an infinite clipping norm the replies reach the strategy unchanged."""
 
     def aggregate_train(self, server_round: int,
@@ -39,7 +52,7 @@ class ServerSideClipping(DifferentialPrivacyServerSideFixedClipping):
 
 def dp_train_step(strategy: Strategy, dp: DPCfg, sampled: int) -> Strategy:
     """`strategy` wrapped by Flower's DP wrapper of `dp.mode`; `sampled`: the clients sampled per round."""
-    wrapper = ServerSideClipping if dp.mode == "server" else DifferentialPrivacyClientSideFixedClipping
+    wrapper = ServerSideClipping if dp.mode == "server" else ClientSideClipping
     return wrapper(strategy, dp.noise_multiplier, dp.clipping_norm, sampled)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant
-from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from trip.config import load_config, parse_config
@@ -114,10 +114,13 @@ def test_round_privacy_composes_the_earlier_rounds():
 def test_summary_reports_each_runs_last_epsilon(tmp_path):
     cfg = parse_config(with_dp(mode="client", clipping_norm=1.0, noise_multiplier=1.0))
     key = {"method": "trip", "target": TARGET, "seed": SEED}
-    (tmp_path / "rounds.jsonl").write_text("".join(json.dumps({**key, "round": r, "dp": {"epsilon": e}}) + "\n"
-                                                   for r, e in [(0, 1.5), (1, 2.25)]))
-    lines = "\n".join(privacy_lines(tmp_path, cfg, [key, {**key, "target": "sketch"}]))
-    assert f"| trip | {TARGET} | {SEED} | 2.25 |" in lines and f"| trip | sketch | {SEED} | — |" in lines
+    records = [{**key, "round": 0, "dp": {"epsilon": 1.5}}, {**key, "round": 1, "dp": {"epsilon": 2.25}},
+               {**key, "target": "sketch", "round": 0, "dp": {"epsilon": None}}]
+    (tmp_path / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    runs = [key, {**key, "target": "sketch"}, {**key, "target": "cartoon"}]
+    lines = "\n".join(privacy_lines(tmp_path, cfg, runs))
+    assert f"| trip | {TARGET} | {SEED} | 2.25 |" in lines and f"| trip | sketch | {SEED} | ∞ |" in lines
+    assert f"| trip | cartoon | {SEED} | — |" in lines
 
 
 # --- refusals ------------------------------------------------------------------------------------------------
@@ -139,14 +142,14 @@ def test_a_method_that_uploads_private_tensors_is_refused_under_dp():
 
 # --- clipping on real updates --------------------------------------------------------------------------------
 
-def train_replies(spec: RunSpec, init: dict, config: dict) -> list[Message]:
-    """The ClientApps of the first two source domains, called as a SuperNode calls them."""
+def train_replies(spec: RunSpec, init: dict, config: dict, nodes: int = 2) -> list[Message]:
+    """The ClientApps of the first source domains, called as a SuperNode calls them."""
     content = RecordDict({"arrays": to_record(init), "config": ConfigRecord({"server-round": 1, "lr": 0.002,
                                                                               **config})})
     return [client_app.app(train_message(content, 10 + pid),
                            Context(run_id=1, node_id=10 + pid, node_config={"partition-id": pid},
                                    state=RecordDict(), run_config=spec.run_config()))
-            for pid in range(2)]
+            for pid in range(nodes)]
 
 
 def train_message(content: RecordDict, node_id: int) -> Message:
@@ -159,38 +162,60 @@ def update_of(reply: Message, init: dict) -> torch.Tensor:
     return torch.cat([(v - init[k]).flatten() for k, v in from_record(reply.content["arrays"]).items()])
 
 
-def test_client_side_clipping_clips_real_updates_and_an_infinite_norm_leaves_them_bit_for_bit(cfg, workspace):
-    spec = RunSpec(cfg, SEED, "trip", TARGET)
+@pytest.fixture(scope="module")
+def plain(cfg, workspace):
+    """The initial tensors and two real train replies without DP."""
     init = workspace.methods[0].init_params(SEED)
-    plain = train_replies(spec, init, {})
-    unclipped = [update_of(r, init) for r in plain]
-    norm = 0.5 * min(float(u.norm()) for u in unclipped)  # both updates are longer
-    for reply, update in zip(train_replies(spec, init, {KEY_CLIPPING_NORM: norm}), unclipped, strict=True):
-        clipped = update_of(reply, init)
-        assert float(clipped.norm()) == pytest.approx(norm, rel=1e-4)
-        assert torch.allclose(clipped, update * norm / update.norm(), atol=1e-6)  # the direction is kept
-    for reply, base in zip(train_replies(spec, init, {KEY_CLIPPING_NORM: math.inf}), plain, strict=True):
-        assert torch.equal(from_record(reply.content["arrays"])["experts"], from_record(base.content["arrays"])
-                           ["experts"])
-        assert reply.content["metrics"]["num-examples"] == base.content["metrics"]["num-examples"]
+    return init, train_replies(RunSpec(cfg, SEED, "trip", TARGET), init, {})
 
 
-def test_server_side_clipping_averages_the_clipped_real_updates(cfg, workspace):
-    dp_cfg = parse_config(with_dp(mode="server", clipping_norm=1e-3, noise_multiplier=0.0))
-    spec = RunSpec(dp_cfg, SEED, "trip", TARGET)
-    init = workspace.methods[0].init_params(SEED)
-    replies = train_replies(spec, init, {})
-    sizes = [r.content["metrics"]["num-examples"] for r in replies]
-    updates = [update_of(r, init).view_as(init["experts"]) for r in replies]
-    assert min(float(u.norm()) for u in updates) > 2e-3  # both are clipped
-    clipped = fedavg([{"experts": u * 1e-3 / u.norm()} for u in updates], sizes)["experts"]
+def copies(replies: list[Message]) -> list[Message]:
+    """Fresh replies with the same records (Flower's server-side wrapper clips the ones it gets in place)."""
+    return [Message(RecordDict({"arrays": ArrayRecord(dict(r.content["arrays"])), "metrics": r.content["metrics"]}),
+                    reply_to=train_message(RecordDict(), r.metadata.src_node_id)) for r in replies]
+
+
+def test_client_side_clipping_clips_real_updates_and_an_infinite_norm_leaves_them_bit_for_bit(cfg, plain):
+    spec, (init, replies) = RunSpec(cfg, SEED, "trip", TARGET), plain
+    update = update_of(replies[0], init)
+    norm = 0.5 * float(update.norm())
+    [clipped] = train_replies(spec, init, {KEY_CLIPPING_NORM: norm}, nodes=1)
+    clipped_update = update_of(clipped, init)
+    assert float(clipped_update.norm()) == pytest.approx(norm, rel=1e-4)
+    assert torch.allclose(clipped_update, update * norm / update.norm(), atol=1e-6)  # the direction is kept
+    [unclipped] = train_replies(spec, init, {KEY_CLIPPING_NORM: math.inf}, nodes=1)
+    assert torch.equal(from_record(unclipped.content["arrays"])["experts"],
+                       from_record(replies[0].content["arrays"])["experts"])
+
+
+def server_side_step(clipping_norm: float, workspace, init: dict) -> TripStrategy:
+    spec = RunSpec(parse_config(with_dp(mode="server", clipping_norm=clipping_norm, noise_multiplier=0.0)), SEED,
+                   "trip", TARGET)
     strategy = TripStrategy(workspace.methods[0], spec, [Peer(10 + i, d) for i, d in enumerate(spec.sources)],
                             None, on_round=lambda _: None)
     assert isinstance(strategy.train_step, ServerSideClipping) and strategy.train_step.num_sampled_clients == 3
     strategy.server.params = init
     strategy.train_step.current_arrays = to_record(init)
-    arrays, _ = strategy.train_step.aggregate_train(1, replies)
+    return strategy
+
+
+def test_server_side_clipping_averages_the_clipped_real_updates(workspace, plain):
+    init, replies = plain
+    sizes = [r.content["metrics"]["num-examples"] for r in replies]
+    updates = [update_of(r, init).view_as(init["experts"]) for r in replies]
+    assert min(float(u.norm()) for u in updates) > 2e-3  # both are clipped
+    clipped = fedavg([{"experts": u * 1e-3 / u.norm()} for u in updates], sizes)["experts"]
+    arrays, _ = server_side_step(1e-3, workspace, init).train_step.aggregate_train(1, copies(replies))
     assert torch.allclose(from_record(arrays)["experts"] - init["experts"], clipped, rtol=1e-3, atol=1e-8)
+
+
+def test_server_side_dp_at_noise_zero_and_an_infinite_norm_aggregates_bit_for_bit(workspace, plain):
+    """(The same for client-side DP, in a real federation: below.)"""
+    init, replies = plain
+    arrays, _ = server_side_step(math.inf, workspace, init).train_step.aggregate_train(1, copies(replies))
+    average = fedavg([from_record(r.content["arrays"]) for r in replies],
+                     [r.content["metrics"]["num-examples"] for r in replies])
+    assert torch.equal(from_record(arrays)["experts"], average["experts"])
 
 
 # --- real Flower federations ------------------------------------------------------------------------------
@@ -213,10 +238,9 @@ def without(history: list[dict], *keys: str) -> list[dict]:
 
 
 @pytest.mark.flower
-@pytest.mark.parametrize("mode", ["client", "server"])
-def test_noise_zero_and_an_infinite_clipping_norm_give_the_plain_run(mode, workspace, reference, federation,
-                                                                     tmp_path):
-    dp_cfg = parse_config(with_dp(mode=mode, clipping_norm=math.inf, noise_multiplier=0.0))
+def test_noise_zero_and_an_infinite_clipping_norm_give_the_plain_run(workspace, reference, federation, tmp_path):
+    """Client-side DP (Flower's wrapper on the server, the clipping mod on the ClientApps)."""
+    dp_cfg = parse_config(with_dp(mode="client", clipping_norm=math.inf, noise_multiplier=0.0))
     got = FlowerRuns(federation, dp_cfg, tmp_path)(workspace.methods[0], TARGET, SEED, lambda _: None)
     assert without(got.history, "time_s", "dp") == without(reference.history, "time_s")
     assert select_round(got.history, "bma") == select_round(reference.history, "bma")  # the results.json entry
@@ -227,7 +251,8 @@ def test_noise_zero_and_an_infinite_clipping_norm_give_the_plain_run(mode, works
 
 @pytest.mark.flower
 def test_noise_reports_a_growing_epsilon_and_changes_the_run(workspace, reference, federation, tmp_path):
-    dp_cfg = parse_config(with_dp(mode="client", clipping_norm=0.05, noise_multiplier=1.0, delta=1e-4))
+    """Server-side DP."""
+    dp_cfg = parse_config(with_dp(mode="server", clipping_norm=0.05, noise_multiplier=1.0, delta=1e-4))
     got = FlowerRuns(federation, dp_cfg, tmp_path)(workspace.methods[0], TARGET, SEED, lambda _: None)
     eps = [r["dp"]["epsilon"] for r in got.history]
     assert 0 < eps[0] < eps[1] < math.inf

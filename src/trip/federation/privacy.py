@@ -43,8 +43,11 @@ def epsilon(releases: list[Release], delta: float) -> float:
         return math.inf
     if not releases:
         return 0.0
-    import dp_accounting  # the `dp` extra: imported only where a run has federation.dp
-    from dp_accounting.rdp import RdpAccountant
+    try:  # the `dp` extra: imported only where a run has federation.dp
+        import dp_accounting
+        from dp_accounting.rdp import RdpAccountant
+    except ImportError:
+        raise TripError("federation.dp needs the dp-accounting package: pip install 'trip-fl[dp]'") from None
 
     accountant = RdpAccountant()
     for q, z in releases:

@@ -4,6 +4,7 @@ privacy a run has spent, as (epsilon, delta) from dp-accounting's RDP accountant
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 from trip.config import DPCfg, ExperimentCfg
 from trip.errors import TripError
@@ -50,8 +51,8 @@ def epsilon(releases: list[Release], delta: float) -> float:
         raise TripError("federation.dp needs the dp-accounting package: pip install 'trip-fl[dp]'") from None
 
     accountant = RdpAccountant()
-    for q, z in releases:
-        accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)))
+    for (q, z), count in Counter(releases).items():  # one RDP computation per kind of release, not per round
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), count)
     return float(accountant.get_epsilon(delta))
 
 

@@ -4,7 +4,8 @@ Per round: the protocol's `participation` names the clients that take part; each
 node of its domain, which serves all of that domain's clients: the message names the client) with the learning
 rate of the schedule; the replies are checked (names, shapes, dtype, finite values of the shared tensors and of
 the target upload; a refused or failed client is logged by node id and name and left out) and aggregated by the
-protocol's `Server` (the method's weights, client-index order, as in-process); then the deployed server and BMA
+protocol's `Server` (the method's weights, client-index order, as in-process; under federation.dp inside Flower's
+DP wrapper, which clips the updates and noises the average: `dp.py`); then the deployed server and BMA
 models are evaluated on every source client's validation split (one message per node, answered for all its
 clients) and on the held-out domain (by the node that holds it, else by the ServerApp through `evaluate_fn`)."""
 

@@ -102,8 +102,7 @@ def test_update_with_nans_is_refused_named_and_the_rest_aggregated(cfg, workspac
     sizes = [r.content["metrics"]["num-examples"] for r in replies]
     assert sizes == [len(workspace.domains[d]) for d in spec.sources[:2]]  # the images a node holds
     nans = ArrayRecord({"experts": Array(np.full(tuple(init["experts"].shape), np.nan, np.float32))})
-    replies.append(Message(RecordDict({"arrays": nans, "upload": replies[0].content["upload"],
-                                       "metrics": replies[0].content["metrics"]}),
+    replies.append(Message(RecordDict({"arrays": nans, "metrics": replies[0].content["metrics"]}),
                            reply_to=train_message(content, 12)))
 
     strategy = TripStrategy(method, spec, [Peer(10 + i, d) for i, d in enumerate(spec.sources)], None,

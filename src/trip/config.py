@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import typing
 from pathlib import Path
@@ -96,6 +97,25 @@ class SecAggCfg(_Strict):
         return self
 
 
+class DPCfg(_Strict):
+    """Client-level differential privacy of the shared tensors with Flower's fixed-clipping wrappers
+    (docs/federation.md)."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")  # `.inf` survives the run config
+
+    mode: Literal["client", "server"]  # who clips each update: the ClientApp, or the server; the server adds noise
+    clipping_norm: float = Field(gt=0)  # L2 norm each client's update (new - global tensors) is clipped to; .inf
+    noise_multiplier: float = Field(ge=0, allow_inf_nan=False)  # noise std = this * clipping_norm / clients sampled
+    delta: float = Field(1e-5, gt=0, lt=1)  # the delta of the reported (epsilon, delta)
+
+    @model_validator(mode="after")
+    def _noise_needs_a_bound(self) -> DPCfg:
+        if math.isinf(self.clipping_norm) and self.noise_multiplier > 0:
+            raise ValueError("an infinite clipping_norm bounds no update, so no noise can protect it (its std "
+                             "would be infinite): give a finite clipping_norm, or noise_multiplier 0")
+        return self
+
+
 class FederationCfg(_Strict):
     """Who the clients are and who takes part in a round (docs/federation.md)."""
 
@@ -108,6 +128,15 @@ class FederationCfg(_Strict):
     # the server sees only the weighted sum of each round's updates (Flower's SecAgg+; Flower engines only)
     secure_aggregation: bool = False
     secagg: SecAggCfg = Field(default_factory=SecAggCfg)
+    dp: DPCfg | None = None  # differential privacy (Flower engines only)
+
+    @model_validator(mode="after")
+    def _one_privacy_mechanism(self) -> FederationCfg:
+        if self.secure_aggregation and self.dp is not None:
+            raise ValueError("federation.dp and federation.secure_aggregation together are not supported: Flower's "
+                             "DP wrappers clip and check individual updates, which secure aggregation hides; "
+                             "choose one")
+        return self
 
 
 class OptimizerCfg(_Strict):

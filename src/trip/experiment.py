@@ -16,7 +16,7 @@ from trip import expert_usage, results
 from trip.checkpoint import RunCheckpoints, run_key
 from trip.config import ExperimentCfg, dump_config
 from trip.errors import TripError
-from trip.federation import secure
+from trip.federation import privacy, secure
 from trip.federation.inprocess import FederationResult, RoundLogger, run_federation
 from trip.federation.partition import client_names
 from trip.federation.rounds import select_round, selection_model
@@ -34,11 +34,14 @@ def run_experiment(cfg: ExperimentCfg, out: Path, *, engine: str = "inprocess", 
     same config is continued (finished entries are kept, an interrupted in-process run resumes from its
     last checkpoint); one that holds another config is refused. `resume` insists that there is one. The
     folder is locked for the whole run: a second writer is refused at once."""
+    privacy.check_engine(cfg, engine)
     with run_folder_lock(out):
         runs = _claim_run_folder(cfg, out, resume)
         ws = prepare(cfg)
         if cfg.federation.secure_aggregation:
             _check_secure_aggregation(ws, engine)
+        for method in ws.methods:
+            privacy.check_method(method, cfg)
         _write_config(out, cfg)  # after `prepare`: a refused start leaves none behind
         if engine == "flower":
             from trip.federation.flower.engine import flower_federation

@@ -168,6 +168,31 @@ def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict]) -> str:
         "",
         *([f"Rows \"(paper)\": {SOURCE}; \"(ours − paper)\" is our mean minus the published number.", ""]
           if any(published(cfg.data.name, r["method"]) for r in runs) else []),
+        *privacy_lines(out, cfg, runs),
     ])
     (out / "summary.md").write_text(text)
     return text
+
+
+def privacy_lines(out: Path, cfg: ExperimentCfg, runs: list[dict]) -> list[str]:
+    """Under federation.dp: the epsilon each run has spent after its last round, from rounds.jsonl."""
+    dp = cfg.federation.dp
+    if dp is None:
+        return []
+    spent: dict[tuple, float | None] = {}  # run -> epsilon (None: infinite, as strict_json writes it)
+    for line in (out / "rounds.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "dp" in record:
+            spent[record["method"], record["target"], record["seed"]] = record["dp"]["epsilon"]
+    rows = [[r["method"], r["target"], str(r["seed"]), _epsilon(spent, (r["method"], r["target"], r["seed"]))]
+            for r in runs]
+    return [f"Differential privacy: {dp.mode}-side clipping at norm {dp.clipping_norm:g}, noise multiplier "
+            f"{dp.noise_multiplier:g}. Client-level epsilon at delta = {dp.delta:g} that the shared tensors have "
+            f"spent after the last round (RDP accountant, docs/federation.md); ∞: no noise; —: nothing trained.",
+            "", markdown_table(["method", "held out", "seed", "epsilon"], rows), ""]
+
+
+def _epsilon(spent: dict[tuple, float | None], run: tuple) -> str:
+    if run not in spent:
+        return "—"
+    return "∞" if spent[run] is None else f"{spent[run]:.3g}"

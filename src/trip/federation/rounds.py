@@ -87,10 +87,15 @@ def participation(fed: FederationCfg, seed: int, round_idx: int, clients: int) -
     if fed.fraction == 1 and fed.drop_rate == 0:
         return Participation(list(range(clients)), [])
     rng = np.random.default_rng([seed, round_idx])
-    size = max(1, int(fed.fraction * clients + 0.5))
+    size = sample_size(fed, clients)
     sampled = sorted(int(i) for i in rng.choice(clients, size=size, replace=False))
     dropped = [i for i, u in zip(sampled, rng.random(size), strict=True) if u < fed.drop_rate]
     return Participation(sampled, dropped)
+
+
+def sample_size(fed: FederationCfg, clients: int) -> int:
+    """The clients sampled per round: `fraction` of them, rounded, at least one."""
+    return max(1, int(fed.fraction * clients + 0.5))
 
 
 def selection_model(method: Method) -> str:
@@ -120,28 +125,37 @@ class Server:
             self.bma.params, self.bma.total = state.bma_params, state.bma_total
 
     def aggregate(self, r: int, accepted: list[Accepted], failed: dict[str, str]) -> None:
-        """No update and no failure (every sampled client dropped): the global tensors stay as they were."""
+        self.commit(r, self.average(r, accepted, failed))
+
+    def average(self, r: int, accepted: list[Accepted], failed: dict[str, str]) -> Tensors:
+        """The method's average of the accepted updates, and their uploads kept. No update and no failure (every
+        sampled client dropped): the global tensors as they were."""
+        if not accepted and failed:
+            raise every_client_failed(r, failed)
         accepted = sorted(accepted, key=lambda a: a.index)
-        weights = [a.weight for a in accepted] if self.method.aggregation == "weighted" else [1] * len(accepted)
-        self._step(r, fedavg([a.params for a in accepted], weights) if accepted else None, failed)
         for a in accepted:
             self.uploads[a.index] = a.upload
+        return fedavg([a.params for a in accepted], self.weights(accepted)) if accepted else self.params
+
+    def weights(self, accepted: list[Accepted]) -> list[int]:
+        """The aggregation weights of the accepted updates (client-index order)."""
+        accepted = sorted(accepted, key=lambda a: a.index)
+        return [a.weight for a in accepted] if self.method.aggregation == "weighted" else [1] * len(accepted)
+
+    def commit(self, r: int, params: Tensors) -> None:
+        """Round r's global tensors (the average, or what a privacy mechanism made of it) and the BMA with them."""
+        self.params = params
+        if self.bma is not None:
+            self.bma.update(self.params, r)
 
     def aggregate_from_sum(self, r: int, mean: Tensors | None, failed: dict[str, str]) -> None:
         """Secure aggregation: `mean` is the sum of the reporting clients' weight-scaled updates divided by the
         sum of their weights, both summed under masks (the server never holds a client's update); None: no
         update came. The target uploads stay as they were: no method that needs them is run this way
         (`trip.federation.secure.check`)."""
-        self._step(r, mean, failed)
-
-    def _step(self, r: int, params: Tensors | None, failed: dict[str, str]) -> None:
-        if params is None and failed:
-            raise TripError(f"round {r}: every client failed ({'; '.join(failed.values())}); stopping with the "
-                            f"global state of round {r - 1} unchanged")
-        if params is not None:
-            self.params = params
-        if self.bma is not None:
-            self.bma.update(self.params, r)
+        if mean is None and failed:
+            raise every_client_failed(r, failed)
+        self.commit(r, self.params if mean is None else mean)
 
     def models(self) -> dict[str, Tensors]:
         """The deployed models, by name: "server" (and "bma")."""
@@ -156,6 +170,11 @@ class Server:
         bma = self.bma
         return FederationState(self.next_round, self.params, bma.params if bma else None, bma.total if bma else 0.0,
                                self.history, privates, self.uploads)
+
+
+def every_client_failed(r: int, failed: dict[str, str]) -> TripError:
+    return TripError(f"round {r}: every client failed ({'; '.join(failed.values())}); stopping with the global state "
+                     f"of round {r - 1} unchanged")
 
 
 def eval_record(val: dict[str, dict[str, dict[str, float]]], target: dict[str, dict[str, float]]) -> dict:

@@ -4,11 +4,12 @@ the in-process engine (same images, split, seed and client index) and replies wi
 client's target upload only. Each client's private tensors stay in the node's `context.state` across rounds (as
 Flower's FedRep and FedBN keep theirs), never in a reply, and in its `PrivateStore` (for a resumed run).
 
-Messages: `query` (which domain do you hold?), `train` (arrays + lr + client number, reply: arrays + upload +
-num-examples; under secure aggregation the four SecAgg+ stages, `train_securely`) and `evaluate` (the deployed
-server and BMA models, reply: the accuracy on each of the node's clients' validation splits, in client order, or
-on its whole domain when it holds the held-out one; per part of the splits, `Split.parts`, whose names go in order
-in the reply's "parts" record)."""
+Messages: `query` (which domain do you hold?), `train` (arrays + lr + client number, reply: arrays + upload, where
+the method uploads anything, + num-examples; under client-side DP clipped by Flower's mod, `dp.py`; under secure
+aggregation the four SecAgg+ stages, `train_securely`) and `evaluate` (the deployed server and BMA models, reply:
+the accuracy on each of the node's clients' validation splits, in client order, or on its whole domain when it
+holds the held-out one; per part of the splits, `Split.parts`, whose names go in order in the reply's "parts"
+record)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from flwr.clientapp import ClientApp
 from trip.federation import secure
 from trip.federation.client import ClientUpdate, client_update
 from trip.federation.flower import node, secagg
+from trip.federation.flower.dp import clipping_mod
 from trip.federation.flower.private_store import PrivateStore
 from trip.federation.flower.protocol import MODELS, RunSpec, accuracy_key, from_record, node_domain, to_record
 from trip.federation.rounds import Client, part_accuracies, round_seed
@@ -82,7 +84,7 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"node": ConfigRecord({"domain": site.domain})}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     if secagg.is_secure(msg):
         return secaggplus_mod(msg, context, train_securely)
@@ -92,9 +94,9 @@ def train(msg: Message, context: Context) -> Message:
     params = from_record(msg.content["arrays"], site.ws.backbone.device)
     client, update = train_client(site, context, k, r, params, float(config["lr"]))
     metrics = MetricRecord({"num-examples": client.weight, "train-loss": update.loss})
-    upload = to_record(site.method.target_upload(update.private))
-    return Message(RecordDict({"arrays": to_record(update.params), "upload": upload, "metrics": metrics}),
-                   reply_to=msg)
+    upload = site.method.target_upload(update.private)
+    records = {"arrays": to_record(update.params), **({"upload": to_record(upload)} if upload else {})}
+    return Message(RecordDict({**records, "metrics": metrics}), reply_to=msg)
 
 
 def train_securely(msg: Message, context: Context) -> Message:

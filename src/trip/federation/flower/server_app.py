@@ -23,6 +23,7 @@ from trip.federation import secure
 from trip.federation.flower import node
 from trip.federation.flower.protocol import RunSpec, accuracy_key, from_record, quiet_root_logger, to_record
 from trip.federation.flower.strategy import Peer, TripStrategy
+from trip.federation.privacy import check_method
 from trip.federation.rounds import part_accuracies, select_round, selection_model
 from trip.results import strict_json
 
@@ -39,6 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     method = node.method_of(ws, spec.method)
     if spec.cfg.federation.secure_aggregation:
         secure.check(spec.cfg.federation, [method], "flower", {})
+    check_method(method, spec.cfg)
     out = Path(spec.out_dir) if spec.out_dir else None
     checkpoints = RunCheckpoints(Path(spec.checkpoint_dir)) if spec.checkpoint_dir and method.trainable else None
     state = checkpoints.latest() if checkpoints else None

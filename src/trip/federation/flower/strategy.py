@@ -4,7 +4,8 @@ Per round: the protocol's `participation` names the clients that take part; each
 node of its domain, which serves all of that domain's clients: the message names the client) with the learning
 rate of the schedule; the replies are checked (names, shapes, dtype, finite values of the shared tensors and of
 the target upload; a refused or failed client is logged by node id and name and left out) and aggregated by the
-protocol's `Server` (the method's weights, client-index order, as in-process); then the deployed server and BMA
+protocol's `Server` (the method's weights, client-index order, as in-process; under federation.dp inside Flower's
+DP wrapper, which clips the updates and noises the average: `dp.py`); then the deployed server and BMA
 models are evaluated on every source client's validation split (one message per node, answered for all its
 clients) and on the held-out domain (by the node that holds it, else by the ServerApp through `evaluate_fn`).
 
@@ -27,11 +28,22 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from trip.errors import TripError
+from trip.federation.flower.dp import dp_train_step
 from trip.federation.flower.polling import Backoff
-from trip.federation.flower.protocol import RunSpec, accuracy_key, to_record
+from trip.federation.flower.protocol import RunSpec, accuracy_key, from_record, to_record
 from trip.federation.flower.secagg import SecureSum, secure_sum
 from trip.federation.partition import client_names
-from trip.federation.rounds import Accepted, Report, Server, eval_record, participation, round_lr, round_record
+from trip.federation.privacy import round_privacy
+from trip.federation.rounds import (
+    Accepted,
+    Report,
+    Server,
+    eval_record,
+    participation,
+    round_lr,
+    round_record,
+    sample_size,
+)
 from trip.methods.base import Method
 
 RoundLogger = Callable[[dict], None]
@@ -80,17 +92,20 @@ class TrainReply:
 
 def check_train_reply(msg: Message, expected: dict[str, torch.Tensor],
                       expected_upload: dict[str, torch.Tensor]) -> TrainReply:
-    """The shared tensors, the target upload, num-examples and train loss of a train reply, or UpdateRefused."""
+    """The shared tensors, the target upload, num-examples and train loss of a train reply, or UpdateRefused.
+    A method that uploads nothing sends no 'upload' record (so that the reply has the one ArrayRecord that
+    Flower's clipping mod takes)."""
     if msg.has_error():
         raise UpdateRefused(f"the node failed: {msg.error.reason}")
     content = msg.content
-    if not {"arrays", "upload"} <= set(content.array_records) or "metrics" not in content.metric_records:
-        raise UpdateRefused("the reply lacks its 'arrays', 'upload' or 'metrics' record")
+    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+        raise UpdateRefused("the reply lacks its 'arrays' or 'metrics' record")
     metrics = content["metrics"]
     n = metrics.get("num-examples")
     if not isinstance(n, int) or n <= 0:
         raise UpdateRefused(f"num-examples {n!r} is not a positive integer")
-    return TrainReply(check_update(content["arrays"], expected), check_update(content["upload"], expected_upload),
+    upload = content.array_records.get("upload", ArrayRecord())
+    return TrainReply(check_update(content["arrays"], expected), check_update(upload, expected_upload),
                       n, float(metrics.get("train-loss", math.nan)))
 
 
@@ -106,6 +121,10 @@ class TripStrategy(Strategy):
         self.server = Server(method, spec.cfg.train, spec.seed, len(self.clients))
         self._sent: dict[str, tuple[int, int | None]] = {}  # message id -> (destination node, client index)
         self.round_state: dict = {"round": 0, "failed": {}}  # the round in progress: its lr, updates, failures
+        dp = spec.cfg.federation.dp
+        # The strategy whose configure_train and aggregate_train run a round's training: this one, or Flower's
+        # differential-privacy wrapper around it.
+        self.train_step: Strategy = dp_train_step(self, dp, self._sampled) if dp else self
 
     @property
     def history(self) -> list[dict]:
@@ -141,14 +160,23 @@ class TripStrategy(Strategy):
                 result.arrays, metrics = self.train_securely(grid, server_round, result.arrays,
                                                              train_config or ConfigRecord(), timeout)
             else:
-                messages = self.configure_train(server_round, result.arrays, train_config or ConfigRecord(), grid)
-                result.arrays, metrics = self.aggregate_train(server_round, self.exchange(grid, messages, timeout))
+                messages = self.train_step.configure_train(server_round, result.arrays,
+                                                           train_config or ConfigRecord(), grid)
+                replies = self.screen(self.exchange(grid, messages, timeout))
+                result.arrays, metrics = self.train_step.aggregate_train(server_round, replies)
+                self.server.commit(server_round - 1, from_record(result.arrays, self.method.backbone.device))
             result.train_metrics_clientapp[server_round] = metrics
             ev = self._evaluate(grid, server_round, evaluate_config, evaluate_fn, timeout)
             state = self.round_state
-            self._record(round_record(state["round"], state["lr"], state["taking_part"], state["accepted"],
-                                      state["failed"], ev, time.perf_counter() - start) | state.get("secure", {}))
+            record = round_record(state["round"], state["lr"], state["taking_part"], state["accepted"],
+                                  state["failed"], ev, time.perf_counter() - start)
+            self._record(record | state.get("secure", {}) | self._privacy(state["accepted"]))
         return result
+
+    def screen(self, replies: list[Message]) -> list[Message]:
+        """The replies that aggregate_train accepts; the others are logged as failed here, before a DP wrapper
+        sees them (Flower's clips before trip could check a reply, and skips a round with any failed one)."""
+        return [msg for msg in replies if self._accept(msg) is not None]
 
     def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
         """Send; return the replies that came within `timeout` s, as soon as every node has answered."""
@@ -251,22 +279,13 @@ class TripStrategy(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = []
-        for msg in replies:
-            node_id, index = self._sent.get(msg.metadata.reply_to_message_id, self._only_client(msg))
-            try:
-                if index is None:
-                    raise UpdateRefused("the reply answers no train message of this round")
-                reply = check_train_reply(msg, self.server.params, self.server.uploads[index])
-            except UpdateRefused as why:
-                self._fail(node_id, index, f"update refused: {why}")
-                continue
-            accepted.append(Accepted(index, self.clients[index], reply.params, reply.num_examples, reply.loss,
-                                     reply.upload))
+        """The method's average of the valid replies, which the caller commits (`start`: after a DP wrapper has
+        noised it)."""
+        accepted = [a for msg in replies if (a := self._accept(msg)) is not None]
         self._require(server_round, accepted)
-        self.server.aggregate(server_round - 1, accepted, self.round_state["failed"])
+        average = self.server.average(server_round - 1, accepted, self.round_state["failed"])
         self.round_state["accepted"] = accepted
-        return to_record(self.server.params), MetricRecord({"num-clients": len(accepted)})
+        return to_record(average), MetricRecord({"num-clients": len(accepted)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -310,6 +329,29 @@ class TripStrategy(Strategy):
         if len(updates) < required:
             raise TripError(f"round {server_round - 1}: {len(updates)} valid client updates, fewer than the "
                             f"{required} required (min-clients); failures: {self.round_state['failed']}")
+    def _accept(self, msg: Message) -> Accepted | None:
+        """The update of a train reply; None (the failure logged) if it is refused."""
+        node_id, index = self._sent.get(msg.metadata.reply_to_message_id, self._only_client(msg))
+        try:
+            if index is None:
+                raise UpdateRefused("the reply answers no train message of this round")
+            reply = check_train_reply(msg, self.server.params, self.server.uploads[index])
+        except UpdateRefused as why:
+            self._fail(node_id, index, f"update refused: {why}")
+            return None
+        return Accepted(index, self.clients[index], reply.params, reply.num_examples, reply.loss, reply.upload)
+
+    @property
+    def _sampled(self) -> int:
+        return sample_size(self.spec.cfg.federation, len(self.clients))
+
+    def _privacy(self, accepted: list[Accepted]) -> dict:
+        """The round record's "dp" entry, under federation.dp."""
+        dp = self.spec.cfg.federation.dp
+        if dp is None:
+            return {}
+        rate = self._sampled / len(self.clients)
+        return {"dp": round_privacy(dp, self.history, rate, self.server.weights(accepted), self._sampled)}
 
     def _model_records(self) -> dict[str, ArrayRecord]:
         return {m: to_record(params) for m, params in self.models.items()}

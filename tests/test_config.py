@@ -53,3 +53,10 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("methods: [\n")
     with pytest.raises(TripError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_dp_and_secure_aggregation_together_are_refused():
+    raw = {"methods": [{"name": "promptfl"}], "federation": {
+        "secure_aggregation": True, "dp": {"mode": "client", "clipping_norm": 1.0, "noise_multiplier": 0.5}}}
+    with pytest.raises(TripError, match="dp and federation.secure_aggregation together"):
+        parse_config(raw)

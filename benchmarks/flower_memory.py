@@ -33,7 +33,7 @@ from trip.experiment import prepare
 from trip.federation.flower.engine import FlowerRuns
 from trip.federation.flower.local import LocalFederation, descendants
 
-FIELDS = ("Rss", "Pss", "Pss_Anon", "Pss_File")
+FIELDS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Private")  # Private: Private_Clean + Private_Dirty (USS)
 # What a trip worker imports, in the order it imports it (each step adds what the previous ones did not).
 WORKER_IMPORTS = ("numpy", "scipy.optimize", "scipy.stats", "torch", "torchvision", "timm", "open_clip", "flwr.app",
                   "trip.backbone", "trip.federation.flower.client_app", "trip.federation.flower.worker",
@@ -46,8 +46,9 @@ def rollup_kb(pid: int | str) -> dict[str, int]:
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             key, _, value = line.partition(":")
+            key = "Private" if key.startswith("Private_") else key
             if key in FIELDS:
-                out[key] = int(value.split()[0])
+                out[key] = out.get(key, 0) + int(value.split()[0])
     except OSError:
         pass
     return out
@@ -73,6 +74,24 @@ def kind(pid: int) -> str:
 def tree(fed: LocalFederation) -> list[int]:
     top = [p.pid for p in [*fed.superlink, *(p for procs in fed.nodes for p in procs)]]
     return [pid for root in top for pid in [root, *descendants(root)]]
+
+
+def private_by_mapping(pid: int, top: int = 6) -> list[tuple[str, int]]:
+    """A process's private memory (kB) by what it maps: [heap] (the main malloc arena), [anon] (the other
+    arenas, mmapped allocations, thread stacks), and the files with the most private pages."""
+    private: dict[str, int] = defaultdict(int)
+    name = "?"
+    try:
+        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        head = line.split(None, 5)
+        if "-" in head[0] and not head[0].endswith(":"):  # a mapping's header: address range, perms, ...
+            name = Path(head[5]).name if len(head) > 5 else "[anon]"
+        elif head[0] in ("Private_Clean:", "Private_Dirty:"):
+            private[name] += int(head[1])
+    return sorted(private.items(), key=lambda kv: -kv[1])[:top]
 
 
 class Sampler(threading.Thread):
@@ -107,8 +126,10 @@ def measure(rounds: int) -> dict:
         res = FlowerRuns(fed, ws.cfg, Path(tmp))(ws.methods[0], TARGET, 0, lambda _: None)
         sampler.done.set()
         sampler.join()
-    return {"workers_ready_s": ready, "round_s": [r["time_s"] for r in res.history],
-            "processes": sampler.peak, "peak_total_pss_kb": sampler.peak_total, "load": os.getloadavg()[0]}
+        kinds = {row["kind"].rstrip("0123456789"): pid for pid, row in sampler.peak.items()}
+        mappings = {name: private_by_mapping(pid) for name, pid in kinds.items()}
+    return {"workers_ready_s": ready, "round_s": [r["time_s"] for r in res.history], "processes": sampler.peak,
+            "peak_total_pss_kb": sampler.peak_total, "private_by_mapping": mappings, "load": os.getloadavg()[0]}
 
 
 def report(result: dict) -> None:
@@ -125,6 +146,9 @@ def report(result: dict) -> None:
     rows = list(result["processes"].values())
     print(f"{'total':<22}{len(rows):>3}" + "".join(f"{sum(r.get(f, 0) for r in rows) / mb:10.0f}" for f in FIELDS))
     print(f"highest PSS of the whole federation in one sample: {result['peak_total_pss_kb'] / mb:.0f} MB")
+    print("\nprivate memory by mapping after the run, one process of each kind (MB):")
+    for name, rows in sorted(result["private_by_mapping"].items()):
+        print(f"  {name:<20} " + ", ".join(f"{m} {kb / mb:.0f}" for m, kb in rows))
     rounds = sorted(result["round_s"])
     print(f"workers ready after {result['workers_ready_s']:.1f} s; round time (ServerApp) median "
           f"{rounds[len(rounds) // 2]:.2f} s; load average {result['load']:.2f}, {os.cpu_count()} CPUs")
@@ -136,8 +160,9 @@ def rollup():
     out = {}
     for line in open("/proc/self/smaps_rollup"):
         key, _, value = line.partition(":")
-        if key in %r:
-            out[key] = int(value.split()[0])
+        key = "Private" if key.startswith("Private_") else key
+        if key in FIELDS:
+            out[key] = out.get(key, 0) + int(value.split()[0])
     return out
 rows, before = [], rollup()
 for name in sys.argv[1:]:
@@ -148,7 +173,7 @@ for name in sys.argv[1:]:
                  **{k: after[k] - before[k] for k in after}})
     before = after
 print(json.dumps(rows))
-""" % (FIELDS,)
+""".replace("FIELDS", repr(FIELDS))
 
 
 def imports() -> None:

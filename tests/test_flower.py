@@ -244,6 +244,8 @@ def test_stopping_the_federation_stops_every_process(tls_federation):
     """Last in the module: the federation's teardown finds nothing left to stop."""
     procs = [*tls_federation.superlink, *(p for pair in tls_federation.nodes for p in pair)]
     tree = [pid for p in procs for pid in [p.pid, *descendants(p.pid)]]
+    names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in tree if _running(pid)}
+    assert {"trip-serverapp", "trip-worker0", "trip-worker1"} <= names  # forked workers (worker 2 is the test's)
     tls_federation.stop()
     assert all(p.poll() is not None for p in procs)
     assert not [pid for pid in tree if _running(pid)]

@@ -243,6 +243,9 @@ def test_trip_flower_wait_exits_non_zero_for_a_failed_run(cfg, tls_federation, t
 def test_stopping_the_federation_stops_every_process(tls_federation):
     """Last in the module: the federation's teardown finds nothing left to stop."""
     procs = [*tls_federation.superlink, *(p for pair in tls_federation.nodes for p in pair)]
+    deadline = time.monotonic() + 300  # run alone, the workers may still be importing
+    while "forked worker1" not in (tls_federation.logs / "workers.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
     tree = [pid for p in procs for pid in [p.pid, *descendants(p.pid)]]
     names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in tree if _running(pid)}
     assert {"trip-serverapp", "trip-worker0", "trip-worker1"} <= names  # forked workers (worker 2 is the test's)

@@ -72,8 +72,8 @@ def command(pid: int) -> str:
 
 
 def federation_pids(fed: LocalFederation) -> list[tuple[str, int]]:
-    named = [("superlink", fed.superlink[0]), ("serverapp-worker", fed.superlink[1])]
-    named += [(f"{kind}{i}", p) for i, pair in enumerate(fed.nodes) for kind, p in zip(("supernode", "worker"), pair)]
+    named = [("superlink", fed.superlink[0]), ("workers", fed.superlink[1])]
+    named += [(f"supernode{i}", procs[0]) for i, procs in enumerate(fed.nodes)]
     return [(name if j == 0 else f"  child of {name}", pid)
             for name, proc in named for j, pid in enumerate([proc.pid, *descendants(proc.pid)])]
 

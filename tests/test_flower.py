@@ -24,7 +24,7 @@ from trip.experiment import prepare
 from trip.federation.flower import client_app
 from trip.federation.flower.certs import node_keys
 from trip.federation.flower.engine import FlowerRuns
-from trip.federation.flower.local import LocalFederation, Tls, descendants, free_port, supernode_command, trip_worker
+from trip.federation.flower.local import LocalFederation, Tls, descendants, free_port, supernode_command
 from trip.federation.flower.protocol import RunSpec, from_record, to_record, write_run_config
 from trip.federation.flower.strategy import Peer, TripStrategy, UpdateRefused, check_update
 from trip.federation.inprocess import run_federation
@@ -139,7 +139,7 @@ def test_trip_run_engine_flower_writes_the_in_process_run_folder(cfg, reference,
     assert "| trip |" in (tmp_path / "out" / "summary.md").read_text()
     assert sorted(p.name for p in (tmp_path / "out" / "flower" / "logs").iterdir()) == \
         ["serverapp-worker.log", "superlink.log", *[f"supernode{i}.log" for i in range(3)],
-         *[f"worker{i}.log" for i in range(3)]]
+         *[f"worker{i}.log" for i in range(3)], "workers.log"]
 
 
 # --- TLS, SuperNode authentication, a node that dies -----------------------------------------------------------
@@ -179,8 +179,8 @@ def tls_federation(tmp_path_factory):
     assert main(["flower", "certs", str(folder / "certs"), "--nodes", "3"]) == 0
     armed = folder / "armed-runs.txt"
 
-    def worker(i: int, api: str) -> list[str]:
-        return [sys.executable, "-c", DYING_WORKER, api, str(armed)] if i == 2 else trip_worker(i, api)
+    def worker(i: int, api: str) -> list[str] | None:
+        return [sys.executable, "-c", DYING_WORKER, api, str(armed)] if i == 2 else None  # 0, 1: forked
 
     with LocalFederation(PARTITIONS, folder / "logs", Tls.from_dir(folder / "certs", 3), worker) as fed:
         fed.armed = armed
@@ -242,7 +242,12 @@ def test_trip_flower_wait_exits_non_zero_for_a_failed_run(cfg, tls_federation, t
 def test_stopping_the_federation_stops_every_process(tls_federation):
     """Last in the module: the federation's teardown finds nothing left to stop."""
     procs = [*tls_federation.superlink, *(p for pair in tls_federation.nodes for p in pair)]
+    deadline = time.monotonic() + 300  # run alone, the workers may still be importing
+    while "forked worker1" not in (tls_federation.logs / "workers.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
     tree = [pid for p in procs for pid in [p.pid, *descendants(p.pid)]]
+    names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in tree if _running(pid)}
+    assert {"trip-serverapp", "trip-worker0", "trip-worker1"} <= names  # forked workers (worker 2 is the test's)
     tls_federation.stop()
     assert all(p.poll() is not None for p in procs)
     assert not [pid for pid in tree if _running(pid)]

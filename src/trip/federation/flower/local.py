@@ -1,5 +1,6 @@
 """A real Flower federation on 127.0.0.1: one `flower-superlink` and N `flower-supernode` processes, all with
-`--isolation process` and their apps run by warm trip workers, with their own temporary FLWR_HOME and free ports,
+`--isolation process` and their apps run by warm trip workers (forked from one process that imported their code,
+trip.federation.flower.zygote), with their own temporary FLWR_HOME and free ports,
 driven with the `flwr` CLI (`flwr run`, `flwr list`, `flwr log`), optionally over TLS with SuperNode
 authentication. The same path as a deployment, without ray. Every process it starts is stopped on exit, with
 everything they started, and is killed by the kernel if trip itself dies (SIGKILL included)."""
@@ -84,15 +85,24 @@ def trip_worker(node: int, runtime_api: str) -> list[str]:
     return [sys.executable, "-m", "trip.cli", "flower", "worker", "--runtime-api", runtime_api]
 
 
-def serverapp_worker(runtime_api: str, tls: Tls | None) -> list[str]:
-    """The command that runs a SuperLink's ServerApps in one warm process."""
+def forked_workers(serverapp_api: str, clientapps: dict[str, str], logs: Path, tls: Tls | None) -> list[str]:
+    """The command that runs the ServerApps of the SuperLink at `serverapp_api` and the ClientApps of the
+    SuperNodes {worker name: Runtime API} in workers forked from one process (trip.federation.flower.zygote)."""
     ca = ["--root-certificates", str(tls.ca)] if tls else []
-    return [sys.executable, "-m", "trip.cli", "flower", "worker", "--serverapp", "--runtime-api", runtime_api, *ca]
+    nodes = [arg for name, api in clientapps.items() for arg in ("--clientapp", f"{name}={api}")]
+    return [sys.executable, "-m", "trip.federation.flower.zygote", "--logs", str(logs), "--serverapp", serverapp_api,
+            *nodes, *ca]
+
+
+def no_worker(node: int, runtime_api: str) -> list[str] | None:
+    return None
 
 
 class LocalFederation:
     def __init__(self, node_configs: list[str], logs: Path, tls: Tls | None = None,
-                 worker: Callable[[int, str], list[str]] = trip_worker):
+                 worker: Callable[[int, str], list[str] | None] = no_worker):
+        """`worker(i, runtime_api)`: a command that serves SuperNode i's ClientApp tasks in a process of its own,
+        or None (the default) for a worker forked with the others (tests give a worker that fails)."""
         self.node_configs, self.logs, self.tls, self.worker = node_configs, logs, tls, worker
         self.home = Path(tempfile.mkdtemp(prefix="trip-flwr-home-"))
         self.env = {**SHARED_CORES_ENV, **os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home)}
@@ -114,23 +124,26 @@ class LocalFederation:
         self.logs.mkdir(parents=True, exist_ok=True)
         port = free_port()
         self.address = f"127.0.0.1:{port}"
+        runtime_apis = [f"127.0.0.1:{free_port()}" for _ in self.node_configs]
+        own = [self.worker(i, api) for i, api in enumerate(runtime_apis)]
+        forked = {f"worker{i}": api for i, (api, cmd) in enumerate(zip(runtime_apis, own)) if cmd is None}
         self.superlink = [self._spawn("superlink", superlink_command("127.0.0.1", port, self.tls,
-                                                                     isolation="process"))]
-        self.superlink.append(self._spawn("serverapp-worker", serverapp_worker(self.address, self.tls)))
+                                                                     isolation="process")),
+                          self._spawn("workers", forked_workers(self.address, forked, self.logs, self.tls))]
         self._write_connection()
         wait_for_port(port, self.superlink[0], self.logs / "superlink.log")
         if self.tls:
             keys = [str(key.with_suffix(".pub")) for key in self.tls.node_keys[:len(self.node_configs)]]
             with ThreadPoolExecutor() as pool:  # one `flwr` process per key: start them together
                 list(pool.map(lambda key: self.flwr("supernode", "register", key, CONNECTION), keys))
-        for i in range(len(self.node_configs)):
-            self.nodes.append(self._start_node(i))
+        for i, (api, cmd) in enumerate(zip(runtime_apis, own)):
+            self.nodes.append(self._start_node(i, api, cmd))
 
-    def _start_node(self, i: int) -> list[subprocess.Popen]:
-        port = free_port()
+    def _start_node(self, i: int, runtime_api: str, worker: list[str] | None) -> list[subprocess.Popen]:
         auth = (self.tls.ca, self.tls.node_keys[i]) if self.tls else None
-        supernode = self._spawn(f"supernode{i}", supernode_command(self.address, port, self.node_configs[i], auth))
-        return [supernode, self._spawn(f"worker{i}", self.worker(i, f"127.0.0.1:{port}"))]
+        port = int(runtime_api.rsplit(":", 1)[1])
+        procs = [self._spawn(f"supernode{i}", supernode_command(self.address, port, self.node_configs[i], auth))]
+        return procs + ([self._spawn(f"worker{i}", worker)] if worker else [])
 
     def _write_connection(self) -> None:
         tls = f'root-certificates = "{self.tls.ca}"' if self.tls else "insecure = true"
@@ -178,7 +191,7 @@ class LocalFederation:
             return f"(no log: {err})"
 
     def _check_alive(self) -> None:
-        for proc, name in zip(self.superlink, ("superlink", "serverapp-worker")):
+        for proc, name in zip(self.superlink, ("superlink", "workers")):
             if proc.poll() is not None:
                 raise TripError(f"the {name} process exited ({proc.returncode}); see {self.logs / name}.log")
 
@@ -213,11 +226,12 @@ def spawn(cmd: list[str], **popen) -> subprocess.Popen:
     that the kernel kills when the thread that started it ends: if trip is SIGKILLed, nothing it started lives
     on. Only from the main thread, which lives as long as trip (Linux; otherwise `terminate` is all)."""
     armed = sys.platform == "linux" and threading.current_thread() is threading.main_thread()
-    death_signal = _death_signal(os.getpid()) if armed else None
-    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=death_signal, **popen)
+    arm = death_signal(os.getpid()) if armed else None
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=arm, **popen)
 
 
-def _death_signal(parent: int) -> Callable[[], None]:
+def death_signal(parent: int) -> Callable[[], None]:
+    """What a child of `parent` calls first (after fork) to be SIGKILLed when `parent` ends."""
     libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls it between fork and exec
 
     def arm() -> None:

@@ -1,14 +1,16 @@
 """Target accuracy of TRIP, PromptFL and FedOTP as the federation grows (K clients per domain) and as the
 label skew grows (Dirichlet alpha shrinks), on the demo's synthetic data and tiny CLIP.
 
-    python benchmarks/federation_scaling.py [--out DIR] [--seeds 0,1] [--quick]
+    python benchmarks/federation_scaling.py [--out DIR] [--seeds 0,1] [--settings NAME,...] [--quick]
 
 Each (setting, seed) is one `trip.experiment.run_experiment` of the demo's config (src/trip/configs/demo.yaml,
 its zero-shot, PromptFL, TRIP and FedOTP) with a `federation` section, in its own run folder under DIR
 (default runs/federation-scaling): a rerun continues where it stopped. Settings: K = 1, 5, 20 with an iid split,
 then K = 5 with Dirichlet alpha = 1, 0.3, 0.1. Every domain is held out in turn. Writes DIR/federation_scaling.json
 (per setting and method: the selected round's target accuracy, the mean over held-out domains, mean ± std over
-seeds), DIR/federation_scaling.png and prints the Markdown table of docs/federation.md "Scaling".
+seeds), DIR/federation_scaling.png and prints the Markdown table of docs/federation.md "Scaling". --settings runs
+a subset (names as K5-iid, K5-dirichlet0.3): several such processes may share DIR, and a last one with --no-run
+(only reads the run folders) writes the JSON and figure of every setting.
 --quick (a smoke test): seed 0, one held-out domain, one round, 12 images per class, K = 1 and 5 (iid and alpha 1).
 """
 
@@ -19,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -64,19 +65,14 @@ def demo_config(fed: dict, seed: int, quick: bool) -> dict:
     return raw
 
 
-def run_sweep(out: Path, settings: list[dict], seeds: list[int], quick: bool) -> dict[str, float]:
-    """Seed-major, so that an interrupted sweep has every setting at the first seed. Returns each run's wall-clock."""
-    wall = {}
+def run_sweep(out: Path, settings: list[dict], seeds: list[int], quick: bool) -> None:
+    """Seed-major, so that an interrupted sweep has every setting at the first seed."""
     for seed in seeds:
         for fed in settings:
             folder = out / setting_name(fed) / f"seed{seed}"
             folder.mkdir(parents=True, exist_ok=True)
-            start = time.perf_counter()
             run_experiment(parse_config(demo_config(fed, seed, quick)), folder)
-            wall[f"{setting_name(fed)}/seed{seed}"] = round(time.perf_counter() - start, 1)
-            print(f"{setting_name(fed)} seed {seed}: {wall[f'{setting_name(fed)}/seed{seed}']} s "
-                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
-    return wall
+            print(f"{setting_name(fed)} seed {seed} done (load {os.getloadavg()[0]:.1f})", flush=True)
 
 
 def label_skew(clients_file: Path) -> dict[str, float]:
@@ -114,6 +110,7 @@ def summarise(out: Path, settings: list[dict], seeds: list[int]) -> list[dict]:
                          "acc_per_target": {t: statistics.mean(r["acc"] for r in mine if r["target"] == t)
                                             for t in targets},
                          "selected_rounds": [r["selected_round"] for r in mine],
+                         "time_s_per_run": statistics.mean(r["time_s"] for r in mine),
                          **{k: statistics.mean(s[k] for s in skew) for k in skew[0]}})
     return rows
 
@@ -147,6 +144,8 @@ def draw(rows: list[dict], path: Path) -> None:
     panels = [(size_ax, [r for r in rows if r["partition"] == "iid"], "clients per domain K (iid)"),
               (skew_ax, [r for r in rows if r["clients_per_domain"] == 5], "Dirichlet alpha at K = 5")]
     for ax, mine, xlabel in panels:
+        if not mine:
+            continue
         names = list(dict.fromkeys(r["setting"] for r in mine))
         ticks = [_tick(next(r for r in mine if r["setting"] == n), ax is size_ax) for n in names]
         for i, method in enumerate(TRAINED):
@@ -171,21 +170,34 @@ def _tick(row: dict, by_size: bool) -> str:
     return "iid" if row["partition"] == "iid" else f"{row['dirichlet_alpha']:g}"
 
 
+def chosen_settings(settings: list[dict], names: str) -> list[dict]:
+    if not names:
+        return settings
+    known = {setting_name(fed): fed for fed in settings}
+    unknown = [n for n in names.split(",") if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown settings {unknown}: choose from {', '.join(known)}")
+    return [known[n] for n in names.split(",")]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/federation-scaling"))
     ap.add_argument("--seeds", default="0,1", help="comma-separated run seeds")
+    ap.add_argument("--settings", default="", help="comma-separated setting names (default: all)")
     ap.add_argument("--quick", action="store_true", help="a smoke test: see the module's docstring")
+    ap.add_argument("--no-run", action="store_true", help="only summarise the run folders already in --out")
     a = ap.parse_args(argv)
     seeds = [0] if a.quick else [int(s) for s in a.seeds.split(",")]
-    settings = QUICK_SETTINGS if a.quick else SIZE_LADDER + SKEW_LADDER
+    settings = chosen_settings(QUICK_SETTINGS if a.quick else SIZE_LADDER + SKEW_LADDER, a.settings)
     load_start = os.getloadavg()[0]
-    wall = run_sweep(a.out, settings, seeds, a.quick)
+    if not a.no_run:
+        run_sweep(a.out, settings, seeds, a.quick)
     rows = summarise(a.out, settings, seeds)
     config = demo_config(settings[0], seeds[0], a.quick)
     doc = {"seeds": seeds, "quick": a.quick, "data": config["data"], "train": config["train"],
            "backbone": config["backbone"], "methods": config["methods"], "selection": "best mean source validation",
-           "machine": machine(load_start), "wall_s": wall, "results": rows}
+           "machine": machine(load_start), "results": rows}
     (a.out / RESULTS_FILE).write_text(strict_json(doc, indent=1) + "\n")
     draw(rows, a.out / FIGURE_FILE)
     print(markdown_table(rows))

@@ -24,7 +24,8 @@ def scaling():
 
 def write_run(folder: Path, seed: int, accs: dict[tuple[str, str], float], clients: dict[str, list[str]]) -> None:
     folder.mkdir(parents=True)
-    runs = [{"method": m, "target": t, "seed": seed, "acc": a, "selected_round": 3} for (m, t), a in accs.items()]
+    runs = [{"method": m, "target": t, "seed": seed, "acc": a, "selected_round": 3, "time_s": 1.0}
+            for (m, t), a in accs.items()]
     (folder / "results.json").write_text(json.dumps({"runs": runs}))
     doc = {name: {"train": paths[:-1], "val": paths[-1:]} for name, paths in clients.items()}
     (folder / "clients.json").write_text(json.dumps({str(seed): doc}))

@@ -146,6 +146,7 @@ def draw(rows: list[dict], path: Path) -> None:
     for ax, mine, xlabel in panels:
         if not mine:
             continue
+        legend_ax = ax
         names = list(dict.fromkeys(r["setting"] for r in mine))
         ticks = [_tick(next(r for r in mine if r["setting"] == n), ax is size_ax) for n in names]
         for i, method in enumerate(TRAINED):
@@ -158,7 +159,7 @@ def draw(rows: list[dict], path: Path) -> None:
         ax.set_xlabel(xlabel)
     size_ax.set_ylabel("target accuracy (%)")
     fig.suptitle("selected round, mean over held-out domains; ± std over seeds", fontsize=9)
-    skew_ax.legend(loc="best", fontsize=8)
+    legend_ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=110, facecolor="white")

@@ -1,5 +1,5 @@
-"""Many clients per domain (iid or Dirichlet label skew), seeded client sampling and drops, the same under both
-engines (issue 14, items 1-2)."""
+"""Many clients per domain (iid or Dirichlet label skew), seeded client sampling and drops, the same under every
+engine (issue 14, items 1-3)."""
 
 from __future__ import annotations
 
@@ -148,15 +148,17 @@ def test_the_client_lists_name_each_clients_images(workspace):
 
 
 @pytest.mark.flower
-def test_both_engines_give_the_same_results_with_sampled_skewed_clients(workspace, tmp_path):
-    run_experiment(workspace.cfg, tmp_path / "inprocess")
-    run_experiment(workspace.cfg, tmp_path / "flower", engine="flower")
+def test_the_three_engines_give_the_same_results_with_sampled_skewed_clients(workspace, tmp_path):
+    """In-process, a SuperNode per domain (flower) and a virtual SuperNode per client (flower-sim, ray)."""
+    engines = ("inprocess", "flower", "flower-sim")
+    for engine in engines:
+        run_experiment(workspace.cfg, tmp_path / engine, engine=engine)
     _check_client_lists(json.loads((tmp_path / "flower" / "clients.json").read_text())[str(SEED)], workspace)
-    assert _results(tmp_path / "inprocess" / "results.json") == _results(tmp_path / "flower" / "results.json")
-    rounds = [_rounds(tmp_path / e / "rounds.jsonl") for e in ("inprocess", "flower")]
-    assert rounds[0] == rounds[1] and all(r["dropped"] for r in rounds[0])
-    assert _results(tmp_path / "flower" / "results.json")[0]["clients"] == \
-        [c.name for c in workspace.clients(TARGET, SEED)]
+    results = [_results(tmp_path / e / "results.json") for e in engines]
+    assert results[0] == results[1] == results[2]
+    rounds = [_rounds(tmp_path / e / "rounds.jsonl") for e in engines]
+    assert rounds[0] == rounds[1] == rounds[2] and all(r["dropped"] for r in rounds[0])
+    assert results[2][0]["clients"] == [c.name for c in workspace.clients(TARGET, SEED)]
 
 
 def test_the_dry_run_shows_the_clients_and_refuses_a_split_too_fine():

@@ -33,14 +33,19 @@ def run_experiment(cfg: ExperimentCfg, out: Path, *, engine: str = "inprocess", 
     same config is continued (finished entries are kept, an interrupted in-process run resumes from its
     last checkpoint); one that holds another config is refused. `resume` insists that there is one. The
     folder is locked for the whole run: a second writer is refused at once."""
+    if engine == "flower-sim":
+        from trip.federation.flower.simulation import check_ray
+
+        check_ray()  # before the data are prepared, which may take long
     with run_folder_lock(out):
         runs = _claim_run_folder(cfg, out, resume)
         ws = prepare(cfg)
         _write_config(out, cfg)  # after `prepare`: a refused start leaves none behind
-        if engine == "flower":
-            from trip.federation.flower.engine import flower_federation
+        if engine in ("flower", "flower-sim"):
+            from trip.federation.flower.engine import flower_federation, simulation_federation
 
-            with flower_federation(ws, out) as federate:
+            local = flower_federation if engine == "flower" else simulation_federation
+            with local(ws, out) as federate:
                 return _run_all(ws, out, runs, federate)
         return _run_all(ws, out, runs, _in_process(ws, out))
 

@@ -1,12 +1,13 @@
 """The Flower strategy of trip: the round protocol of `trip.federation.rounds` over Flower messages.
 
 Per round: the protocol's `participation` names the clients that take part; each gets a train message (to the
-node of its domain, which serves all of that domain's clients: the message names the client) with the learning
-rate of the schedule; the replies are checked (names, shapes, dtype, finite values of the shared tensors and of
-the target upload; a refused or failed client is logged by node id and name and left out) and aggregated by the
-protocol's `Server` (the method's weights, client-index order, as in-process); then the deployed server and BMA
-models are evaluated on every source client's validation split (one message per node, answered for all its
-clients) and on the held-out domain (by the node that holds it, else by the ServerApp through `evaluate_fn`)."""
+node that serves it, the one of its domain under `--engine flower`, its own under `flower-sim`: the message names
+the client) with the learning rate of the schedule; the replies are checked (names, shapes, dtype, finite values
+of the shared tensors and of the target upload; a refused or failed client is logged by node id and name and left
+out) and aggregated by the protocol's `Server` (the method's weights, client-index order, as in-process); then the
+deployed server and BMA models are evaluated on every source client's validation split (one message per node,
+answered for each client it serves) and on the held-out domain (by the node that holds it, else by the ServerApp
+through `evaluate_fn`)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from flwr.serverapp.strategy import Result, Strategy
 from trip.errors import TripError
 from trip.federation.flower.polling import Backoff
 from trip.federation.flower.protocol import RunSpec, to_record
-from trip.federation.partition import client_names
 from trip.federation.rounds import Accepted, Server, eval_record, participation, round_lr, round_record
 from trip.methods.base import Method
 
@@ -38,6 +38,7 @@ TargetEval = Callable[[int, ArrayRecord], MetricRecord | None]
 class Peer:
     node_id: int
     domain: str
+    clients: tuple[int, ...] = ()  # the numbers, within the domain, of the clients it serves (none: the target's)
 
 
 class UpdateRefused(Exception):
@@ -94,8 +95,8 @@ class TripStrategy(Strategy):
     def __init__(self, method: Method, spec: RunSpec, sources: list[Peer], target_peer: Peer | None,
                  on_round: RoundLogger):
         self.method, self.spec, self.on_round = method, spec, on_round
-        self.sources = sorted(sources, key=lambda p: spec.sources.index(p.domain))
-        self.node_of = {p.domain: p for p in self.sources}
+        self.sources = sorted(sources, key=lambda p: (spec.sources.index(p.domain), p.clients))
+        self.node_of = {spec.client_index(p.domain, k): p for p in self.sources for k in p.clients}
         self.clients = spec.clients
         self.target_peer = target_peer
         self.peers = {p.node_id: p for p in [*sources, *([target_peer] if target_peer else [])]}
@@ -187,8 +188,8 @@ class TripStrategy(Strategy):
         online = {p.node_id for p in self._online(grid, self.sources)}
         messages = []
         for i in taking_part.reporting:
-            domain, k = self._client_place(i)
-            peer = self.node_of.get(domain)
+            k = i % self.spec.cfg.federation.clients_per_domain  # the client's number within its domain
+            peer = self.node_of.get(i)
             if peer is None or peer.node_id not in online:
                 self._fail(peer.node_id if peer else 0, i, "its node is not connected")
                 continue
@@ -236,8 +237,8 @@ class TripStrategy(Strategy):
                            f"evaluation failed: {msg.error.reason if msg.has_error() else 'no metrics'}")
                 continue
             domain, metrics = self.peers[node_id].domain, msg.content["metrics"]
-            names = [domain] if domain == self.spec.target else \
-                client_names(domain, self.spec.cfg.federation.clients_per_domain)
+            names = [domain] if domain == self.spec.target else [self._client_name(domain, k)
+                                                                 for k in self.peers[node_id].clients]
             for m in self.models:
                 for name, a in zip(names, metrics.get(f"acc-{m}", [math.nan] * len(names)), strict=True):
                     acc.setdefault(name, {})[m] = float(a)
@@ -263,10 +264,8 @@ class TripStrategy(Strategy):
         alive = set(grid.get_node_ids())
         return [p for p in peers if p.node_id in alive]
 
-    def _client_place(self, index: int) -> tuple[str, int]:
-        """The domain of the client at `index` and its number there."""
-        k = self.spec.cfg.federation.clients_per_domain
-        return self.spec.sources[index // k], index % k
+    def _client_name(self, domain: str, k: int) -> str:
+        return self.clients[self.spec.client_index(domain, k)]
 
     def _client_index(self, msg: Message) -> int | None:
         """The index of the client a train message names (None for other messages)."""
@@ -276,10 +275,10 @@ class TripStrategy(Strategy):
         return self.spec.client_index(self.peers[msg.metadata.dst_node_id].domain, int(config["client"]))
 
     def _only_client(self, msg: Message) -> tuple[int, int | None]:
-        """A reply to no message this strategy sent: the sender's client, where its domain has just one."""
+        """A reply to no message this strategy sent: the sender's client, where it serves just one."""
         peer = self.peers.get(msg.metadata.src_node_id)
-        one = peer is not None and peer.domain in self.node_of and self.spec.cfg.federation.clients_per_domain == 1
-        return msg.metadata.src_node_id, self.spec.client_index(peer.domain, 0) if one else None
+        one = peer is not None and peer.domain != self.spec.target and len(peer.clients) == 1
+        return msg.metadata.src_node_id, self.spec.client_index(peer.domain, peer.clients[0]) if one else None
 
     def _fail(self, node_id: int, index: int | None, why: str) -> None:
         """`index`: the client the failure is about (None: the node's evaluation)."""

@@ -1,0 +1,65 @@
+"""Flower's simulation runtime on this machine (`trip run --engine flower-sim`): a `flower-superlink --simulation`
+on a free loopback port with its own temporary FLWR_HOME, to which each run is submitted with `flwr run`, as under
+`--engine flower`, and whose status is asked with `flwr list`. The SuperLink starts one `flwr-simulation` process
+per run; that process runs the same ServerApp, and the same ClientApp in ray actors, for one virtual SuperNode per
+source client (partition-id i of the run's N clients: client i, `protocol.node_clients`).
+
+Resources: each virtual node's ClientApp call gets as many cores as this process computes with (torch's thread
+count, which ray passes on to the actor as OMP_NUM_THREADS): float sums then run in the same order as in-process,
+so the numbers are the same bit for bit (a client on fewer threads sums in another order). Ray is bounded to this
+machine's cores, so it keeps cores / threads actors (100 clients on 2 cores: one actor serving the virtual nodes in
+turn, as the in-process engine does); the object store is capped at `OBJECT_STORE_BYTES` (messages and node
+contexts are small: prompts, not images); no dashboard, no usage reporting. Ray's own files
+go under the temporary FLWR_HOME. The ray processes belong to the `flwr-simulation` process (ray's fate sharing)
+and are below the SuperLink: stopping the federation (`terminate`) ends them, and if trip is SIGKILLed the kernel
+ends the SuperLink and with it the rest."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from trip.errors import TripError
+from trip.federation.flower.local import LocalFederation, free_port, superlink_command, wait_for_port
+
+OBJECT_STORE_BYTES = 1 << 30
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(OBJECT_STORE_BYTES),
+           "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+
+
+def check_ray() -> None:
+    if importlib.util.find_spec("ray") is None:
+        raise TripError('--engine flower-sim needs ray (Flower\'s simulation backend), which is not installed: '
+                        'pip install "trip-fl[simulation]"')
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class SimulationFederation(LocalFederation):
+    """A SuperLink in simulation mode: no SuperNode processes, the virtual nodes are made per run."""
+
+    def __init__(self, logs: Path):
+        super().__init__([], logs)
+        self.client_cpus = torch.get_num_threads()
+        self.cpus = max(cores(), self.client_cpus)
+        self.env |= {**RAY_ENV, "RAY_TMPDIR": str(self.home / "ray")}
+
+    def start(self) -> None:
+        check_ray()
+        self.logs.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        self.superlink = [self._spawn("superlink", [*superlink_command("127.0.0.1", port, None), "--simulation"])]
+        self._write_connection()
+        wait_for_port(port, self.superlink[0], self.logs / "superlink.log")
+
+    def run_options(self, clients: int) -> list[str]:
+        """A virtual SuperNode per client, this process's thread count of cores each, ray bounded to the cores."""
+        return ["--federation-config", f"num-supernodes={clients} backend='ray' "
+                f"client-resources-num-cpus={self.client_cpus} init-args-num-cpus={self.cpus} "
+                "init-args-logging-level='warning'"]

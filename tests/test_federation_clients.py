@@ -14,6 +14,7 @@ from trip.data.folder import split_indices
 from trip.errors import TripError
 from trip.experiment import prepare, run_experiment
 from trip.federation.client import client_update
+from trip.federation.flower.protocol import RunSpec, node_clients
 from trip.federation.inprocess import run_federation
 from trip.federation.partition import client_names, partition
 from trip.federation.rounds import Server, participation, round_lr, round_seed
@@ -159,6 +160,21 @@ def test_the_three_engines_give_the_same_results_with_sampled_skewed_clients(wor
     rounds = [_rounds(tmp_path / e / "rounds.jsonl") for e in engines]
     assert rounds[0] == rounds[1] == rounds[2] and all(r["dropped"] for r in rounds[0])
     assert results[2][0]["clients"] == [c.name for c in workspace.clients(TARGET, SEED)]
+
+
+def test_a_node_serves_a_domain_or_a_run_of_its_clients_by_its_partition():
+    """`flower`: a node per domain; `flower-sim`: a node per client (Flower sets num-partitions to the nodes)."""
+    spec = RunSpec(parse_config(CONFIG), SEED, "promptfl", TARGET)  # 3 source domains of 20 clients
+    assert node_clients({"partition-id": 1, "num-partitions": 3}, spec) == ("sketch", list(range(20)))
+    assert node_clients({"partition-id": 45, "num-partitions": 60}, spec) == ("painting", [5])
+    assert node_clients({"partition-id": 7, "num-partitions": 12}, spec) == ("sketch", [15, 16, 17, 18, 19])
+    assert node_clients({"domain": "cartoon"}, spec) == ("cartoon", list(range(20)))
+    assert node_clients({"domain": TARGET}, spec) == (TARGET, [])  # evaluates the held-out domain
+    for parts in (2, 7, 120):
+        with pytest.raises(TripError, match=f"num-partitions {parts} does not split the run's 60 clients"):
+            node_clients({"partition-id": 0, "num-partitions": parts}, spec)
+    with pytest.raises(TripError, match="partition-id 60 is out of range"):
+        node_clients({"partition-id": 60, "num-partitions": 60}, spec)
 
 
 def test_the_dry_run_shows_the_clients_and_refuses_a_split_too_fine():

@@ -1,0 +1,92 @@
+"""Wall-clock per round of the three engines (in-process, `flower`, `flower-sim`) at about 20 and 100 clients.
+
+    python benchmarks/engine_rounds.py [--clients-per-domain 7 33] [--rounds 4] [--json engine_rounds.json]
+
+The synthetic data set has four domains; with `photo` held out there are three source domains, so 7 and 33
+clients per domain give 21 and 99 clients. Every client takes part in every round (fraction 1, no drops), PromptFL
+with 2 context tokens on the tiny CLIP (random weights), CPU. A round's time is the round's own timer (the
+`time_s` of its record: training every client, aggregating, evaluating every client's validation split and the
+held-out domain), the median over the rounds after the first (the first is a warm-up: under `flower-sim` it also
+holds ray's start and the actors' imports); the run's total (submit to result) is beside it. Load averages are
+recorded before and after each measurement: on a shared machine the numbers move with the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from trip.config import parse_config
+from trip.experiment import prepare
+from trip.federation.flower.engine import flower_federation, simulation_federation
+from trip.federation.inprocess import run_federation
+
+TARGET, SEED = "photo", 0
+
+
+def config(clients_per_domain: int, rounds: int) -> dict:
+    return {"name": "engine-rounds", "seeds": [SEED], "device": "cpu",
+            "backbone": {"name": "tiny", "pretrained": None},
+            "data": {"name": "synthetic", "images_per_class": 28, "targets": [TARGET]},
+            "train": {"rounds": rounds, "batch_size": 8, "lr": 0.002},
+            "federation": {"clients_per_domain": clients_per_domain, "min_client_size": 4},
+            "methods": [{"name": "promptfl", "n_ctx": 2}]}
+
+
+def in_process(ws, _root: Path) -> list[float]:
+    res = run_federation(ws.methods[0], ws.clients(TARGET, SEED), ws.target(TARGET), ws.cfg.train, SEED,
+                         lambda _: None)
+    return [r["time_s"] for r in res.history]
+
+
+def on_flower(federation: type[AbstractContextManager]):
+    def run(ws, root: Path) -> list[float]:
+        with federation(ws, root) as federate:
+            res = federate(ws.methods[0], TARGET, SEED, lambda _: None)
+        return [r["time_s"] for r in res.history]
+
+    return run
+
+
+ENGINES = {"inprocess": in_process, "flower": on_flower(flower_federation),
+           "flower-sim": on_flower(simulation_federation)}
+
+
+def measure(ws, engine: str) -> dict:
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="engine-rounds-") as tmp:
+        rounds = ENGINES[engine](ws, Path(tmp))
+    total = time.perf_counter() - start
+    return {"engine": engine, "round_s": rounds, "median_round_s": statistics.median(rounds[1:]),
+            "total_s": round(total, 2), "load_before": load_before, "load_after": os.getloadavg()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients-per-domain", type=int, nargs="+", default=[7, 33])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
+    parser.add_argument("--json", type=Path, default=Path("engine_rounds.json"))
+    args = parser.parse_args()
+    results = []
+    for k in args.clients_per_domain:
+        ws = prepare(parse_config(config(k, args.rounds)))
+        for engine in args.engines:
+            row = {"clients": len(ws.clients(TARGET, SEED)), **measure(ws, engine)}
+            results.append(row)
+            print(f"{row['clients']:>4} clients  {engine:<11} median round {row['median_round_s']:7.2f} s  "
+                  f"(rounds {', '.join(f'{t:.2f}' for t in row['round_s'])}; run {row['total_s']:.1f} s; load "
+                  f"{row['load_before'][0]:.1f} -> {row['load_after'][0]:.1f})", flush=True)
+            args.json.write_text(json.dumps({"cpus": os.cpu_count(), "rounds": args.rounds, "results": results},
+                                            indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,11 @@
 """Wall-clock per round of the three engines (in-process, `flower`, `flower-sim`) at about 20 and 100 clients.
 
-    python benchmarks/engine_rounds.py [--clients-per-domain 7 33] [--rounds 4] [--json engine_rounds.json]
+    python benchmarks/engine_rounds.py [--clients-per-domain 7 33] [--rounds 3] [--json engine_rounds.json]
 
 The synthetic data set has four domains; with `photo` held out there are three source domains, so 7 and 33
 clients per domain give 21 and 99 clients. Every client takes part in every round (fraction 1, no drops), PromptFL
-with 2 context tokens on the tiny CLIP (random weights), CPU. A round's time is the round's own timer (the
+with 2 context tokens on the tiny CLIP (random weights), 72 images per domain split half and half into train and
+validation (a client of 99 holds about 2), CPU. A round's time is the round's own timer (the
 `time_s` of its record: training every client, aggregating, evaluating every client's validation split and the
 held-out domain), the median over the rounds after the first (the first is a warm-up: under `flower-sim` it also
 holds ray's start and the actors' imports); the run's total (submit to result) is beside it. Load averages are
@@ -33,9 +34,9 @@ TARGET, SEED = "photo", 0
 def config(clients_per_domain: int, rounds: int) -> dict:
     return {"name": "engine-rounds", "seeds": [SEED], "device": "cpu",
             "backbone": {"name": "tiny", "pretrained": None},
-            "data": {"name": "synthetic", "images_per_class": 28, "targets": [TARGET]},
+            "data": {"name": "synthetic", "images_per_class": 12, "targets": [TARGET], "val_fraction": 0.5},
             "train": {"rounds": rounds, "batch_size": 8, "lr": 0.002},
-            "federation": {"clients_per_domain": clients_per_domain, "min_client_size": 4},
+            "federation": {"clients_per_domain": clients_per_domain, "min_client_size": 2},
             "methods": [{"name": "promptfl", "n_ctx": 2}]}
 
 
@@ -71,7 +72,7 @@ def measure(ws, engine: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients-per-domain", type=int, nargs="+", default=[7, 33])
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
     parser.add_argument("--json", type=Path, default=Path("engine_rounds.json"))
     args = parser.parse_args()

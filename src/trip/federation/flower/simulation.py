@@ -14,10 +14,10 @@ count, which ray passes on to the actor as OMP_NUM_THREADS): float sums then run
 so the numbers are the same bit for bit (a client on fewer threads sums in another order). Ray is bounded to this
 machine's cores, so it keeps cores / threads actors (100 clients on 2 cores: one actor serving the virtual nodes in
 turn, as the in-process engine does); the object store is capped at `OBJECT_STORE_BYTES` (messages and node
-contexts are small: prompts, not images); no dashboard, no usage reporting. Ray's own files
-go under the temporary FLWR_HOME. The ray processes belong to the `flwr-simulation` process (ray's fate sharing)
-and are below it: stopping the federation (`terminate`) ends them, and if trip is SIGKILLed the kernel ends the
-simulation process and ray's fate sharing the rest."""
+contexts are small: prompts, not images); no dashboard (Flower's default), no usage reporting; ray's files go under
+the temporary FLWR_HOME. The ray processes are below the `flwr-simulation` process and share its fate: stopping
+the federation (`terminate`) ends them, and if trip is SIGKILLed the kernel ends the simulation process, and ray
+the rest (its two agents about a minute later)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ engine (issue 14, items 1-3)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -175,6 +176,14 @@ def test_a_node_serves_a_domain_or_a_run_of_its_clients_by_its_partition():
             node_clients({"partition-id": 0, "num-partitions": parts}, spec)
     with pytest.raises(TripError, match="partition-id 60 is out of range"):
         node_clients({"partition-id": 60, "num-partitions": 60}, spec)
+
+
+def test_flower_sim_without_ray_is_refused_at_once_naming_the_extra(monkeypatch, tmp_path):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    with pytest.raises(TripError, match=r'needs ray .* pip install "trip-fl\[simulation\]"'):
+        run_experiment(parse_config(CONFIG), tmp_path / "run", engine="flower-sim")
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_dry_run_shows_the_clients_and_refuses_a_split_too_fine():

@@ -211,8 +211,8 @@ def test_node_dying_in_round_two_leaves_a_completed_run_with_fewer_participants(
                                                                                 monkeypatch):
     submit = tls_federation.submit
 
-    def submit_armed(run_config: Path) -> int:
-        run_id = submit(run_config)
+    def submit_armed(run_config: Path, clients: int) -> int:
+        run_id = submit(run_config, clients)
         tls_federation.armed.write_text(f"{run_id}\n")
         return run_id
 

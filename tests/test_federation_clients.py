@@ -1,8 +1,9 @@
-"""Many clients per domain (iid or Dirichlet label skew), seeded client sampling and drops, the same under both
-engines (issue 14, items 1-2)."""
+"""Many clients per domain (iid or Dirichlet label skew), seeded client sampling and drops, the same under every
+engine (issue 14, items 1-3)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ from trip.data.folder import split_indices
 from trip.errors import TripError
 from trip.experiment import prepare, run_experiment
 from trip.federation.client import client_update
+from trip.federation.flower.protocol import RunSpec, node_clients
 from trip.federation.inprocess import run_federation
 from trip.federation.partition import client_names, partition
 from trip.federation.rounds import Server, participation, round_lr, round_seed
@@ -148,15 +150,40 @@ def test_the_client_lists_name_each_clients_images(workspace):
 
 
 @pytest.mark.flower
-def test_both_engines_give_the_same_results_with_sampled_skewed_clients(workspace, tmp_path):
-    run_experiment(workspace.cfg, tmp_path / "inprocess")
-    run_experiment(workspace.cfg, tmp_path / "flower", engine="flower")
+def test_the_three_engines_give_the_same_results_with_sampled_skewed_clients(workspace, tmp_path):
+    """In-process, a SuperNode per domain (flower) and a virtual SuperNode per client (flower-sim, ray)."""
+    engines = ("inprocess", "flower", "flower-sim")
+    for engine in engines:
+        run_experiment(workspace.cfg, tmp_path / engine, engine=engine)
     _check_client_lists(json.loads((tmp_path / "flower" / "clients.json").read_text())[str(SEED)], workspace)
-    assert _results(tmp_path / "inprocess" / "results.json") == _results(tmp_path / "flower" / "results.json")
-    rounds = [_rounds(tmp_path / e / "rounds.jsonl") for e in ("inprocess", "flower")]
-    assert rounds[0] == rounds[1] and all(r["dropped"] for r in rounds[0])
-    assert _results(tmp_path / "flower" / "results.json")[0]["clients"] == \
-        [c.name for c in workspace.clients(TARGET, SEED)]
+    results = [_results(tmp_path / e / "results.json") for e in engines]
+    assert results[0] == results[1] == results[2]
+    rounds = [_rounds(tmp_path / e / "rounds.jsonl") for e in engines]
+    assert rounds[0] == rounds[1] == rounds[2] and all(r["dropped"] for r in rounds[0])
+    assert results[2][0]["clients"] == [c.name for c in workspace.clients(TARGET, SEED)]
+
+
+def test_a_node_serves_a_domain_or_a_run_of_its_clients_by_its_partition():
+    """`flower`: a node per domain; `flower-sim`: a node per client (Flower sets num-partitions to the nodes)."""
+    spec = RunSpec(parse_config(CONFIG), SEED, "promptfl", TARGET)  # 3 source domains of 20 clients
+    assert node_clients({"partition-id": 1, "num-partitions": 3}, spec) == ("sketch", list(range(20)))
+    assert node_clients({"partition-id": 45, "num-partitions": 60}, spec) == ("painting", [5])
+    assert node_clients({"partition-id": 7, "num-partitions": 12}, spec) == ("sketch", [15, 16, 17, 18, 19])
+    assert node_clients({"domain": "cartoon"}, spec) == ("cartoon", list(range(20)))
+    assert node_clients({"domain": TARGET}, spec) == (TARGET, [])  # evaluates the held-out domain
+    for parts in (2, 7, 120):
+        with pytest.raises(TripError, match=f"num-partitions {parts} does not split the run's 60 clients"):
+            node_clients({"partition-id": 0, "num-partitions": parts}, spec)
+    with pytest.raises(TripError, match="partition-id 60 is out of range"):
+        node_clients({"partition-id": 60, "num-partitions": 60}, spec)
+
+
+def test_flower_sim_without_ray_is_refused_at_once_naming_the_extra(monkeypatch, tmp_path):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    with pytest.raises(TripError, match=r'needs ray .* pip install "trip-fl\[simulation\]"'):
+        run_experiment(parse_config(CONFIG), tmp_path / "run", engine="flower-sim")
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_dry_run_shows_the_clients_and_refuses_a_split_too_fine():

@@ -105,7 +105,7 @@ def test_update_with_nans_is_refused_named_and_the_rest_aggregated(cfg, workspac
     replies.append(Message(RecordDict({"arrays": nans, "metrics": replies[0].content["metrics"]}),
                            reply_to=train_message(content, 12)))
 
-    strategy = TripStrategy(method, spec, [Peer(10 + i, d) for i, d in enumerate(spec.sources)], None,
+    strategy = TripStrategy(method, spec, [Peer(10 + i, d, (0,)) for i, d in enumerate(spec.sources)], None,
                             on_round=lambda _: None)
     strategy.server.params = init
     with caplog.at_level("WARNING", logger="flwr"):
@@ -210,8 +210,8 @@ def test_node_dying_in_round_two_leaves_a_completed_run_with_fewer_participants(
                                                                                 monkeypatch):
     submit = tls_federation.submit
 
-    def submit_armed(run_config: Path) -> int:
-        run_id = submit(run_config)
+    def submit_armed(run_config: Path, clients: int) -> int:
+        run_id = submit(run_config, clients)
         tls_federation.armed.write_text(f"{run_id}\n")
         return run_id
 
@@ -235,7 +235,8 @@ def test_trip_flower_wait_exits_non_zero_for_a_failed_run(cfg, tls_federation, t
     monkeypatch.setenv("FLWR_HOME", str(tls_federation.home))
     assert main(["flower", "wait", str(run_id), "trip-local", "--poll", "0.5"]) == 2
     err = capsys.readouterr().err
-    assert f"Flower run {run_id} ended finished:failed" in err and "SuperNodes hold 0 of the source domains" in err
+    assert f"Flower run {run_id} ended finished:failed" in err
+    assert "SuperNodes serve 0 of the run's 3 source clients" in err
     assert f"flwr log {run_id} trip-local --show" in err
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -92,8 +93,11 @@ def test_sigkilled_flower_run_resumes_to_an_uninterrupted_run(tmp_path):
 def test_private_store_gives_a_clients_newest_round_before_the_asked_one_and_keeps_three(tmp_path):
     from trip.federation.flower.private_store import PrivateStore
 
-    store = PrivateStore.of({"state-dir": str(tmp_path)}, "m", "photo", 2, "sketch")
-    assert PrivateStore.of({}, "m", "photo", 2, "sketch") is None
+    run = SimpleNamespace(method="m", target="photo", seed=2, checkpoint_dir=str(tmp_path / "ckpt"))
+    store = PrivateStore.of({"state-dir": str(tmp_path)}, run, "sketch")
+    assert store.folder == tmp_path / "m__photo__seed2" / "node-sketch"
+    assert PrivateStore.of({"partition-id": 4}, run, "sketch").folder == tmp_path / "ckpt" / "node-sketch"  # simulated
+    assert PrivateStore.of({"domain": "sketch"}, run, "sketch") is None  # a deployed node without a state-dir
     for r in (0, 2, 3, 5):
         store.save(1, r, {"p": torch.full((2,), float(r))})
     store.save(0, 4, {"p": torch.zeros(2)})

@@ -63,6 +63,9 @@ def _raise_interrupted(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
+ENGINES = ["inprocess", "flower", "flower-sim"]  # docs/federation.md, engines
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trip", description="TRIP and baselines for federated domain "
                                 "generalization with prompt learning on a frozen CLIP.")
@@ -71,8 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole protocol offline on synthetic data with a tiny CLIP")
     demo.add_argument("--out", type=Path, help="run folder (default runs/demo-<time>)")
     demo.add_argument("--quick", action="store_true", help="fewer rounds and images: a smoke test")
-    demo.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess",
-                      help="flower: the same protocol on a local Flower federation (docs/deploy.md)")
+    demo.add_argument("--engine", choices=ENGINES, default="inprocess",
+                      help="flower: the same protocol on a local Flower federation; flower-sim: on Flower's "
+                           "simulation runtime (ray) (docs/federation.md)")
     demo.set_defaults(func=_demo)
 
     run = sub.add_parser("run", help="run the experiment a YAML config describes")
@@ -91,9 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--backbone", metavar="NAME",
                      help="an open_clip model name (keeps backbone.pretrained) or 'tiny' (random weights): "
                           "smoke-test a paper config on a small tree")
-    run.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess",
+    run.add_argument("--engine", choices=ENGINES, default="inprocess",
                      help="inprocess (default): clients in turn in this process; flower: a local Flower "
-                          "federation (SuperLink + one SuperNode per source domain on 127.0.0.1), same numbers")
+                          "federation (SuperLink + one SuperNode per source domain on 127.0.0.1); flower-sim: "
+                          "Flower's simulation runtime, a virtual SuperNode per client (needs ray); same numbers")
     run.set_defaults(func=_run)
 
     add_data_command(sub)  # trip data list | verify | download

@@ -35,6 +35,10 @@ def run_experiment(cfg: ExperimentCfg, out: Path, *, engine: str = "inprocess", 
     last checkpoint); one that holds another config is refused. `resume` insists that there is one. The
     folder is locked for the whole run: a second writer is refused at once."""
     privacy.check_engine(cfg, engine)
+    if engine == "flower-sim":
+        from trip.federation.flower.simulation import check_ray
+
+        check_ray()  # before the data are prepared, which may take long
     with run_folder_lock(out):
         runs = _claim_run_folder(cfg, out, resume)
         ws = prepare(cfg)
@@ -43,18 +47,22 @@ def run_experiment(cfg: ExperimentCfg, out: Path, *, engine: str = "inprocess", 
         for method in ws.methods:
             privacy.check_method(method, cfg)
         _write_config(out, cfg)  # after `prepare`: a refused start leaves none behind
-        if engine == "flower":
-            from trip.federation.flower.engine import flower_federation
+        if engine in ("flower", "flower-sim"):
+            from trip.federation.flower.engine import flower_federation, simulation_federation
 
-            with flower_federation(ws, out) as federate:
+            local = flower_federation if engine == "flower" else simulation_federation
+            with local(ws, out) as federate:
                 return _run_all(ws, out, runs, federate)
         return _run_all(ws, out, runs, _in_process(ws, out))
 
 
 def _check_secure_aggregation(ws: Workspace, engine: str) -> None:
-    """Each domain's SuperNode weighs what its clients weigh together (their FedAvg weights)."""
+    """A SuperNode weighs what its clients weigh together: each domain's node under `flower`, each client its own
+    virtual node under `flower-sim`."""
     for seed in ws.cfg.seeds:
-        weights = {d: [c.weight for c in ws.domain_clients(d, seed)] for d in ws.dataset.domains}
+        clients = [ws.domain_clients(d, seed) for d in ws.dataset.domains]
+        weights = {cs[0].name.split("/")[0]: [c.weight for c in cs] for cs in clients} if engine != "flower-sim" \
+            else {c.name: [c.weight] for cs in clients for c in cs}
         secure.check(ws.cfg.federation, ws.methods, engine, weights)
 
 

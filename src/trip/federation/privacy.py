@@ -16,7 +16,7 @@ Release = tuple[float, float]  # one noised aggregate: (sample rate, noise multi
 def check_engine(cfg: ExperimentCfg, engine: str) -> None:
     if cfg.federation.dp is not None and engine == "inprocess":
         raise TripError("federation.dp runs on Flower's differential-privacy wrappers, which the in-process engine "
-                        "does not use: run with --engine flower, or remove federation.dp")
+                        "does not use: run with --engine flower or flower-sim, or remove federation.dp")
 
 
 def check_method(method: Method, cfg: ExperimentCfg) -> None:

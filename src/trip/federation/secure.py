@@ -16,8 +16,8 @@ def check(fed: FederationCfg, methods: list[Method], engine: str, node_weights: 
     """Refuse what secure aggregation cannot do. `node_weights`: per SuperNode (source domain), the FedAvg
     weights of its clients, where the caller knows them (a deployed ServerApp does not)."""
     if engine == "inprocess":
-        raise TripError("federation.secure_aggregation needs a Flower engine: run with --engine flower (in one "
-                        "process every client's update is in the server's hands anyway)")
+        raise TripError("federation.secure_aggregation needs a Flower engine: run with --engine flower or flower-sim "
+                        "(in one process every client's update is in the server's hands anyway)")
     for method in methods:
         if method.upload_params:
             raise TripError(f"method {method.label} uploads each client's tensors for the held-out domain "

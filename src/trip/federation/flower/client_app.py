@@ -1,15 +1,17 @@
-"""The ClientApp: a SuperNode holds one domain and serves every client of it (federation.clients_per_domain; one
-process per client would be too many for K = 20). A train message names the client; the node trains it exactly as
-the in-process engine (same images, split, seed and client index) and replies with the shared tensors and the
-client's target upload only. Each client's private tensors stay in the node's `context.state` across rounds (as
-Flower's FedRep and FedBN keep theirs), never in a reply, and in its `PrivateStore` (for a resumed run).
+"""The ClientApp: a SuperNode holds one domain and serves some of its clients (`node_clients`: all of them under
+`--engine flower` and in a deployment, where one process per client would be too many for K = 20; one under
+`--engine flower-sim`, whose virtual nodes cost no process each). A train message names the client; the node
+trains it exactly as the in-process engine (same images, split, seed and client index) and replies with the shared
+tensors and the client's target upload only. Each client's private tensors stay in the node's `context.state`
+across rounds (as Flower's FedRep and FedBN keep theirs), never in a reply, and in its `PrivateStore` (for a
+resumed run).
 
-Messages: `query` (which domain do you hold?), `train` (arrays + lr + client number, reply: arrays + upload, where
-the method uploads anything, + num-examples; under client-side DP clipped by Flower's mod, `dp.py`; under secure
-aggregation the four SecAgg+ stages, `train_securely`) and `evaluate` (the deployed server and BMA models, reply:
-the accuracy on each of the node's clients' validation splits, in client order, or on its whole domain when it
-holds the held-out one; per part of the splits, `Split.parts`, whose names go in order in the reply's "parts"
-record)."""
+Messages: `query` (which domain do you hold, and which of its clients do you serve?), `train` (arrays + lr + client
+number, reply: arrays + upload, where the method uploads anything, + num-examples; under client-side DP clipped by
+Flower's mod, `dp.py`; under secure aggregation the four SecAgg+ stages, `train_securely`) and `evaluate` (the
+deployed server and BMA models, reply: the accuracy on the validation split of each client the node serves, in
+client order, or on its whole domain when it holds the held-out one; per part of the splits, `Split.parts`, whose
+names go in order in the reply's "parts" record)."""
 
 from __future__ import annotations
 
@@ -19,12 +21,13 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
+from trip.errors import TripError
 from trip.federation import secure
 from trip.federation.client import ClientUpdate, client_update
 from trip.federation.flower import node, secagg
 from trip.federation.flower.dp import clipping_mod
 from trip.federation.flower.private_store import PrivateStore
-from trip.federation.flower.protocol import MODELS, RunSpec, accuracy_key, from_record, node_domain, to_record
+from trip.federation.flower.protocol import MODELS, RunSpec, accuracy_key, from_record, node_clients, to_record
 from trip.federation.rounds import Client, part_accuracies, round_seed
 from trip.federation.server import fedavg
 from trip.methods.base import Method, Split, Tensors
@@ -41,6 +44,7 @@ class Site:
 
     spec: RunSpec
     domain: str
+    clients: list[int]  # the numbers, within the domain, of the clients this node serves
     ws: Workspace
     method: Method
     store: PrivateStore | None
@@ -48,14 +52,14 @@ class Site:
     @classmethod
     def of(cls, context: Context) -> Site:
         spec = RunSpec.from_run_config(context.run_config)
-        domain = node_domain(context.node_config, spec)
+        domain, clients = node_clients(context.node_config, spec)
         data_root = context.node_config.get("data-root")
         if data_root:
             declared = context.node_config.get("dataset")
             node.check_site_data(spec.cfg, str(data_root), None if declared is None else str(declared))
         ws = node.workspace(spec.cfg, [domain], str(data_root) if data_root else None)
-        store = PrivateStore.of(context.node_config, spec.method, spec.target, spec.seed, domain)
-        return cls(spec, domain, ws, node.method_of(ws, spec.method), store)
+        store = PrivateStore.of(context.node_config, spec, domain)
+        return cls(spec, domain, clients, ws, node.method_of(ws, spec.method), store)
 
     def private(self, context: Context, k: int, r: int) -> Tensors:
         """Client k's private tensors for round r: from the node's state, else (a resumed run) from its store,
@@ -72,16 +76,24 @@ class Site:
         if self.store and private:
             self.store.save(k, r, private)
 
+    def client_number(self, config: ConfigRecord) -> int:
+        """The client a train message names (a node's only client needs no number)."""
+        k = int(config["client"]) if "client" in config else self.clients[0] if len(self.clients) == 1 else None
+        if k not in self.clients:
+            raise TripError(f"this node serves the clients {self.clients} of {self.domain}; the message names {k}")
+        return k
+
     def eval_splits(self) -> list[Split]:
         if self.domain == self.spec.target:
             return [self.ws.target(self.domain)]
-        return [c.val for c in self.ws.domain_clients(self.domain, self.spec.seed)]
+        clients = self.ws.domain_clients(self.domain, self.spec.seed)
+        return [clients[k].val for k in self.clients]
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     site = Site.of(context)
-    return Message(RecordDict({"node": ConfigRecord({"domain": site.domain})}), reply_to=msg)
+    return Message(RecordDict({"node": ConfigRecord({"domain": site.domain, "clients": site.clients})}), reply_to=msg)
 
 
 @app.train(mods=[clipping_mod])
@@ -90,7 +102,7 @@ def train(msg: Message, context: Context) -> Message:
         return secaggplus_mod(msg, context, train_securely)
     site = Site.of(context)
     config = msg.content["config"]
-    r, k = int(config["server-round"]) - 1, int(config.get("client", 0))  # a domain's only client needs no number
+    r, k = int(config["server-round"]) - 1, site.client_number(config)
     params = from_record(msg.content["arrays"], site.ws.backbone.device)
     client, update = train_client(site, context, k, r, params, float(config["lr"]))
     metrics = MetricRecord({"num-examples": client.weight, "train-loss": update.loss})

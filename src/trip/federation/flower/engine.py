@@ -1,12 +1,14 @@
-"""`trip run --engine flower`: each (seed, method, held-out domain) of an experiment is one Flower run on a local
-federation: a SuperLink and one SuperNode per source domain on 127.0.0.1 (SuperNode i holds the i-th source
-domain of the run's held-out one: `partition-id=i`). The ServerApp writes each run's rounds and final models
+"""`trip run --engine flower` and `--engine flower-sim`: each (seed, method, held-out domain) of an experiment is
+one Flower run, on a local federation (a SuperLink and one SuperNode per source domain on 127.0.0.1; SuperNode i
+holds the i-th source domain of the run's held-out one: `partition-id=i`), or on Flower's simulation runtime (a
+virtual SuperNode per source client, `simulation.py`). The ServerApp writes each run's rounds and final models
 under <run folder>/flower/<method>-<target>-seed<seed>/; this side forwards the rounds as they come, checks the
 run's status with `flwr list`, and returns what the in-process engine returns.
 
 Resume: the ServerApp checkpoints each round into <run folder>/checkpoints/<run key>/ (the in-process engine's
 files) and continues from the latest one; each SuperNode keeps its clients' private tensors under
-<run folder>/checkpoints/<run key>/node-<domain>/ (`PrivateStore`, node config `state-dir`)."""
+<run folder>/checkpoints/<run key>/node-<domain>/ (`PrivateStore`: node config `state-dir`, or for a virtual
+node the run's checkpoint folder)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from trip.errors import TripError
 from trip.federation.flower.local import LocalFederation
 from trip.federation.flower.private_store import STATE_DIR
 from trip.federation.flower.protocol import RunSpec, write_run_config
+from trip.federation.flower.simulation import SimulationFederation
 from trip.federation.inprocess import FederationResult, RoundLogger
 from trip.methods.base import Method
 from trip.workspace import Workspace
@@ -38,6 +41,13 @@ def flower_federation(ws: Workspace, out: Path) -> Iterator[FlowerRuns]:
     configs = [f'partition-id={i} num-partitions={n} {STATE_DIR}="{checkpoints}"' for i in range(n)]
     with LocalFederation(configs, out / "flower" / "logs") as fed:
         yield FlowerRuns(fed, ws.cfg, out / "flower", checkpoints=checkpoints)
+
+
+@contextmanager
+def simulation_federation(ws: Workspace, out: Path) -> Iterator[FlowerRuns]:
+    """Flower's simulation runtime for the experiment of `ws`, stopped on exit (prepare `ws` first, as above)."""
+    with SimulationFederation(out / "flower" / "logs") as fed:
+        yield FlowerRuns(fed, ws.cfg, out / "flower", checkpoints=(out / "checkpoints").resolve())
 
 
 class FlowerRuns:
@@ -58,7 +68,7 @@ class FlowerRuns:
         done = self._resumed_rounds(folder) if folder and method.trainable else []
         spec = RunSpec(self.cfg, seed, method.label, target, out_dir=str(run_dir),
                        checkpoint_dir=str(folder or ""), **self.run_options)
-        run_id = self.fed.submit(write_run_config(spec, run_dir / "run_config.toml"))
+        run_id = self.fed.submit(write_run_config(spec, run_dir / "run_config.toml"), len(spec.clients))
         rounds = RoundTail(run_dir / "rounds.jsonl", log, done)
         status, details = self.fed.wait(run_id, on_tick=rounds.poll)
         if status != "finished:completed":

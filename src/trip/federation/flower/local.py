@@ -160,9 +160,15 @@ class LocalFederation:
         """Run a `flwr` command against this federation; its stdout."""
         return flwr(*args, env=self.env)
 
-    def submit(self, run_config: Path) -> int:
-        out = self.flwr("run", str(APP_DIR), CONNECTION, "--run-config", str(run_config), "--format", "json")
+    def submit(self, run_config: Path, clients: int = 0) -> int:
+        """`clients`: the run's source clients (a simulation makes a virtual SuperNode for each)."""
+        out = self.flwr("run", str(APP_DIR), CONNECTION, "--run-config", str(run_config), *self.run_options(clients),
+                        "--format", "json")
         return int(_last_json(out)["run-id"])
+
+    def run_options(self, clients: int) -> list[str]:
+        """More `flwr run` options for a run of `clients` clients: none, the SuperNodes are running already."""
+        return []
 
     def status(self, run_id: int) -> tuple[str, str]:
         return run_status(run_id, CONNECTION, self.env)

@@ -16,13 +16,16 @@ _workspaces: dict[str, Workspace] = {}  # one entry: the experiment this process
 
 
 def workspace(cfg: ExperimentCfg, domains: list[str], data_root: str | None = None) -> Workspace:
-    """The workspace of `domains` (possibly none); `data_root` (a SuperNode's) overrides cfg.data.root."""
+    """A workspace holding `domains` (possibly none); `data_root` (a SuperNode's) overrides cfg.data.root. A
+    process that serves several domains of one experiment in turn (a ray actor of `--engine flower-sim` runs the
+    virtual nodes of every domain) keeps them all: a new domain rebuilds the workspace with it added."""
     if data_root:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": data_root})})
-    key = cfg.model_dump_json() + "|" + ",".join(domains)
-    if key not in _workspaces:
+    key = cfg.model_dump_json()
+    held = _workspaces.get(key)
+    if held is None or not set(domains) <= held.domains.keys():
         _workspaces.clear()
-        _workspaces[key] = prepare(cfg, only=domains)
+        _workspaces[key] = prepare(cfg, only=sorted({*domains, *(held.domains if held else ())}))
     return _workspaces[key]
 
 

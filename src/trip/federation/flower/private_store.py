@@ -14,6 +14,7 @@ from flwr.app import UserConfig
 
 from trip import safefile
 from trip.checkpoint import KEEP, run_key
+from trip.federation.flower.protocol import RunSpec
 from trip.methods.base import Tensors
 
 STATE_DIR = "state-dir"  # node config: the folder of the node's private state (a deployment: under --data-root)
@@ -25,13 +26,16 @@ class PrivateStore:
         self.folder = folder
 
     @classmethod
-    def of(cls, node_config: UserConfig, method: str, target: str, seed: int, domain: str) -> PrivateStore | None:
-        """The node's store for this run; None for a node without a state-dir (its private state is then lost
-        with the process)."""
+    def of(cls, node_config: UserConfig, spec: RunSpec, domain: str) -> PrivateStore | None:
+        """The node's store for this run: under its node config's state-dir; for a simulated node (no state-dir,
+        no named domain: it runs on the run's own machine) beside the server's checkpoints. None otherwise (the
+        private state is then lost with the process)."""
         root = node_config.get(STATE_DIR)
-        if not root:
-            return None
-        return cls(Path(str(root)) / run_key(method, target, seed) / f"node-{domain}")
+        if root:
+            return cls(Path(str(root)) / run_key(spec.method, spec.target, spec.seed) / f"node-{domain}")
+        if "domain" not in node_config and spec.checkpoint_dir:
+            return cls(Path(spec.checkpoint_dir) / f"node-{domain}")
+        return None
 
     def save(self, k: int, r: int, private: Tensors) -> None:
         safefile.write_tensors(self._path(k, r), private)

@@ -97,26 +97,35 @@ def write_run_config(spec: RunSpec, path: Path) -> Path:
     return write_text(path, tomli_w.dumps(spec.run_config()), "-o", "run.toml")
 
 
-def node_domain(node_config: UserConfig, spec: RunSpec) -> str:
-    """A deployed SuperNode names its domain (`domain="sketch"`); a simulated one has a partition id, the
-    index of its domain among the run's source domains."""
+def node_clients(node_config: UserConfig, spec: RunSpec) -> tuple[str, list[int]]:
+    """The domain a SuperNode holds and the numbers (within it) of the clients it serves. A deployed SuperNode
+    names its domain (`domain="sketch"`) and serves all of its clients (none if it is the held-out one). A local or
+    simulated one has partition-id i of num-partitions P: the i-th of P equal runs of the run's clients in their
+    order, each within one domain; P = the source domains gives a node per domain (`--engine flower`), P = the
+    clients a node per client (`--engine flower-sim`)."""
     if str(node_config.get("dataset", spec.cfg.data.name)) != spec.cfg.data.name:
         raise TripError(f"this SuperNode holds {node_config['dataset']} data; the run is on {spec.cfg.data.name}")
+    k = spec.cfg.federation.clients_per_domain
     if "domain" in node_config:
         domain = str(node_config["domain"])
         domains = get_dataset(spec.cfg.data.name).domains
         if domain not in domains:
             raise TripError(f"node config: domain {domain!r} is not a domain of {spec.cfg.data.name} "
                             f"({', '.join(domains)})")
-        return domain
+        return domain, [] if domain == spec.target else list(range(k))
     if "partition-id" in node_config:
-        pid = int(node_config["partition-id"])
-        if not 0 <= pid < len(spec.sources):
-            raise TripError(f"node config: partition-id {pid} is out of range: the run has "
-                            f"{len(spec.sources)} source domains")
-        return spec.sources[pid]
+        pid, parts = int(node_config["partition-id"]), int(node_config.get("num-partitions", len(spec.sources)))
+        clients = len(spec.clients)
+        per_node = clients // parts if 0 < parts <= clients and clients % parts == 0 else 0
+        if not per_node or k % per_node:
+            raise TripError(f"node config: num-partitions {parts} does not split the run's {clients} clients "
+                            f"({len(spec.sources)} domains of {k}) into equal parts within a domain")
+        if not 0 <= pid < parts:
+            raise TripError(f"node config: partition-id {pid} is out of range: there are {parts} partitions")
+        first = pid * per_node
+        return spec.sources[first // k], list(range(first % k, first % k + per_node))
     raise TripError("node config names no domain: start the SuperNode with --node-config 'domain=\"NAME\" "
-                    "data-root=\"DIR\"' (deployment) or 'partition-id=I' (simulation)")
+                    "data-root=\"DIR\"' (deployment) or 'partition-id=I num-partitions=P' (simulation)")
 
 
 def quiet_root_logger() -> None:

@@ -9,7 +9,7 @@ tensor) and continues a run from the latest one."""
 from __future__ import annotations
 
 import time
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -75,42 +75,52 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def discover(grid: Grid, spec: RunSpec) -> tuple[list[Peer], Peer | None]:
-    """Ask each connected SuperNode which domain it holds, until every source domain has one or
-    connect-timeout has passed; a node holding the held-out domain evaluates it."""
-    domains: dict[int, str | None] = {}
+    """Ask each connected SuperNode which domain it holds and which of its clients it serves, until every source
+    client has a node or connect-timeout has passed; a node holding the held-out domain evaluates it."""
+    peers: dict[int, Peer | None] = {}
     deadline = time.monotonic() + spec.connect_timeout
     while True:
-        new = [n for n in grid.get_node_ids() if n not in domains]
+        new = [n for n in grid.get_node_ids() if n not in peers]
         if new:
-            domains.update(_query(grid, new, spec.round_timeout))
-        missing = [d for d in spec.sources if d not in domains.values()]
+            peers.update(_query(grid, new, spec.round_timeout))
+        served = {spec.client_index(p.domain, k) for p in peers.values() if p and p.domain in spec.sources
+                  for k in p.clients}
+        missing = [c for i, c in enumerate(spec.clients) if i not in served]
         if not missing or time.monotonic() > deadline:
             break
         time.sleep(1.0)
-    by_domain: dict[str, list[int]] = {}
-    for node_id, domain in domains.items():
-        if domain is not None:
-            by_domain.setdefault(domain, []).append(node_id)
-    twice = {d: ids for d, ids in by_domain.items() if len(ids) > 1}
+    sources = [p for p in peers.values() if p and p.domain in spec.sources]
+    _check_served_once(sources, spec)
+    if len(served) < spec.min_clients:
+        raise TripError(f"after {spec.connect_timeout:g} s, SuperNodes serve {len(served)} of the run's "
+                        f"{len(spec.clients)} source clients, missing {_some(missing)}; {spec.min_clients} "
+                        f"clients are required (min-clients)")
+    targets = [p for p in peers.values() if p and p.domain == spec.target]
+    return sources, targets[0] if targets else None
+
+
+def _check_served_once(sources: list[Peer], spec: RunSpec) -> None:
+    nodes: dict[str, list[int]] = {}
+    for p in sources:
+        for k in p.clients:
+            nodes.setdefault(spec.clients[spec.client_index(p.domain, k)], []).append(p.node_id)
+    twice = {c: ids for c, ids in nodes.items() if len(ids) > 1}
     if twice:
-        raise TripError(f"several SuperNodes hold the same domain {twice}: start one SuperNode per domain")
-    sources = [Peer(ids[0], d) for d, ids in by_domain.items() if d in spec.sources]
-    held = len(sources) * spec.cfg.federation.clients_per_domain
-    if held < spec.min_clients:
-        raise TripError(f"after {spec.connect_timeout:g} s, SuperNodes hold {len(sources)} of the source domains "
-                        f"{spec.sources} ({held} clients), missing {missing}; {spec.min_clients} clients are "
-                        f"required (min-clients)")
-    target = by_domain.get(spec.target)
-    return sources, Peer(target[0], spec.target) if target else None
+        raise TripError(f"several SuperNodes serve the same clients ({_some(list(twice.items()))}): start one "
+                        f"SuperNode per domain")
 
 
-def _query(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, str | None]:
-    """node -> the domain it holds (None: it failed; its error is logged)."""
+def _some(items: list, shown: int = 5) -> str:
+    return ", ".join(map(str, items[:shown])) + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
+def _query(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, Peer | None]:
+    """node -> what it holds (None: it failed; its error is logged)."""
     messages = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY,
                         group_id="query", ttl=timeout) for n in node_ids]
     pending = {i for i in grid.push_messages(messages) if i}
     sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    out: dict[int, str | None] = dict.fromkeys(node_ids)
+    out: dict[int, Peer | None] = dict.fromkeys(node_ids)
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(pending):
@@ -119,8 +129,9 @@ def _query(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, str | N
             if reply.has_error():
                 log(WARNING, "node %d cannot take part: %s", node_id, reply.error.reason)
             else:
-                out[node_id] = str(reply.content["node"]["domain"])
-                log(INFO, "node %d holds %s", node_id, out[node_id])
+                held = reply.content["node"]
+                out[node_id] = Peer(node_id, str(held["domain"]), tuple(int(k) for k in held.get("clients", [])))
+                log(DEBUG, "node %d holds %s, clients %s", node_id, out[node_id].domain, out[node_id].clients)
         if pending:
             time.sleep(0.25)
     for msg_id in pending:

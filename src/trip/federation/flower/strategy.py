@@ -1,13 +1,14 @@
 """The Flower strategy of trip: the round protocol of `trip.federation.rounds` over Flower messages.
 
 Per round: the protocol's `participation` names the clients that take part; each gets a train message (to the
-node of its domain, which serves all of that domain's clients: the message names the client) with the learning
-rate of the schedule; the replies are checked (names, shapes, dtype, finite values of the shared tensors and of
-the target upload; a refused or failed client is logged by node id and name and left out) and aggregated by the
-protocol's `Server` (the method's weights, client-index order, as in-process; under federation.dp inside Flower's
-DP wrapper, which clips the updates and noises the average: `dp.py`); then the deployed server and BMA
-models are evaluated on every source client's validation split (one message per node, answered for all its
-clients) and on the held-out domain (by the node that holds it, else by the ServerApp through `evaluate_fn`).
+node that serves it, the one of its domain under `--engine flower`, its own under `flower-sim`: the message names
+the client) with the learning rate of the schedule; the replies are checked (names, shapes, dtype, finite values
+of the shared tensors and of the target upload; a refused or failed client is logged by node id and name and left
+out) and aggregated by the protocol's `Server` (the method's weights, client-index order, as in-process; under
+federation.dp inside Flower's DP wrapper, which clips the updates and noises the average: `dp.py`); then the
+deployed server and BMA models are evaluated on every source client's validation split (one message per node,
+answered for each client it serves) and on the held-out domain (by the node that holds it, else by the ServerApp
+through `evaluate_fn`).
 
 With `federation.secure_aggregation` the train exchange is Flower's SecAgg+ instead (`train_securely`): one
 message per node naming its clients, and only the weighted mean of the nodes' updates reaches this side."""
@@ -32,7 +33,6 @@ from trip.federation.flower.dp import dp_train_step
 from trip.federation.flower.polling import Backoff
 from trip.federation.flower.protocol import RunSpec, accuracy_key, from_record, to_record
 from trip.federation.flower.secagg import SecureSum, secure_sum
-from trip.federation.partition import client_names
 from trip.federation.privacy import round_privacy
 from trip.federation.rounds import (
     Accepted,
@@ -54,6 +54,7 @@ TargetEval = Callable[[int, ArrayRecord], MetricRecord | None]
 class Peer:
     node_id: int
     domain: str
+    clients: tuple[int, ...] = ()  # the numbers, within the domain, of the clients it serves (none: the target's)
 
 
 class UpdateRefused(Exception):
@@ -113,8 +114,8 @@ class TripStrategy(Strategy):
     def __init__(self, method: Method, spec: RunSpec, sources: list[Peer], target_peer: Peer | None,
                  on_round: RoundLogger):
         self.method, self.spec, self.on_round = method, spec, on_round
-        self.sources = sorted(sources, key=lambda p: spec.sources.index(p.domain))
-        self.node_of = {p.domain: p for p in self.sources}
+        self.sources = sorted(sources, key=lambda p: (spec.sources.index(p.domain), p.clients))
+        self.node_of = {spec.client_index(p.domain, k): p for p in self.sources for k in p.clients}
         self.clients = spec.clients
         self.target_peer = target_peer
         self.peers = {p.node_id: p for p in [*sources, *([target_peer] if target_peer else [])]}
@@ -220,7 +221,7 @@ class TripStrategy(Strategy):
         for peer, clients in plan.items():
             for i in clients:
                 content = RecordDict({"arrays": arrays, "config": ConfigRecord(
-                    {**config, "server-round": server_round, "lr": lr, "client": self._client_place(i)[1]})})
+                    {**config, "server-round": server_round, "lr": lr, "client": self._client_number(i)})})
                 messages.append(self._message(content, peer, MessageType.TRAIN, server_round))
         return messages
 
@@ -235,7 +236,7 @@ class TripStrategy(Strategy):
         online = {p.node_id for p in self._online(grid, self.sources)}
         plan: dict[Peer, list[int]] = {}
         for i in taking_part.reporting:
-            peer = self.node_of.get(self._client_place(i)[0])
+            peer = self.node_of.get(i)
             if peer is None or peer.node_id not in online:
                 self._fail(peer.node_id if peer else 0, i, "its node is not connected")
                 continue
@@ -249,7 +250,7 @@ class TripStrategy(Strategy):
         lr, plan = self._plan_train(server_round, grid)
         r = server_round - 1
         work = {peer.node_id: {**config, "server-round": server_round, "lr": lr, "names": ",".join(arrays),
-                               "clients": ",".join(str(self._client_place(i)[1]) for i in clients)}
+                               "clients": ",".join(str(self._client_number(i)) for i in clients)}
                 for peer, clients in plan.items()}
         if len(work) == 1:  # a sum of one is that node's update
             [(peer, clients)] = plan.items()
@@ -263,7 +264,7 @@ class TripStrategy(Strategy):
             metrics = result.reports.get(peer.node_id) if result.mean is not None else None
             for i in clients:
                 if metrics is not None:
-                    loss = metrics.get(f"loss-{self._client_place(i)[1]}", math.nan)
+                    loss = metrics.get(f"loss-{self._client_number(i)}", math.nan)
                     reports.append(Report(i, self.clients[i], float(loss)))
                 elif len(work) > 1:
                     self._fail(peer.node_id, i, result.dropped.get(peer.node_id) or
@@ -305,8 +306,8 @@ class TripStrategy(Strategy):
                            f"evaluation failed: {msg.error.reason if msg.has_error() else 'no metrics'}")
                 continue
             domain, metrics = self.peers[node_id].domain, msg.content["metrics"]
-            names = [domain] if domain == self.spec.target else \
-                client_names(domain, self.spec.cfg.federation.clients_per_domain)
+            names = [domain] if domain == self.spec.target else [self._client_name(domain, k)
+                                                                 for k in self.peers[node_id].clients]
             if "parts" in msg.content.config_records:
                 parts = [str(p) for p in msg.content["parts"]["names"]]
             for m in self.models:
@@ -329,6 +330,7 @@ class TripStrategy(Strategy):
         if len(updates) < required:
             raise TripError(f"round {server_round - 1}: {len(updates)} valid client updates, fewer than the "
                             f"{required} required (min-clients); failures: {self.round_state['failed']}")
+
     def _accept(self, msg: Message) -> Accepted | None:
         """The update of a train reply; None (the failure logged) if it is refused."""
         node_id, index = self._sent.get(msg.metadata.reply_to_message_id, self._only_client(msg))
@@ -365,10 +367,12 @@ class TripStrategy(Strategy):
         alive = set(grid.get_node_ids())
         return [p for p in peers if p.node_id in alive]
 
-    def _client_place(self, index: int) -> tuple[str, int]:
-        """The domain of the client at `index` and its number there."""
-        k = self.spec.cfg.federation.clients_per_domain
-        return self.spec.sources[index // k], index % k
+    def _client_number(self, index: int) -> int:
+        """The number, within its domain, of the client at `index`."""
+        return index % self.spec.cfg.federation.clients_per_domain
+
+    def _client_name(self, domain: str, k: int) -> str:
+        return self.clients[self.spec.client_index(domain, k)]
 
     def _client_index(self, msg: Message) -> int | None:
         """The index of the client a train message names (None for other messages)."""
@@ -378,10 +382,10 @@ class TripStrategy(Strategy):
         return self.spec.client_index(self.peers[msg.metadata.dst_node_id].domain, int(config["client"]))
 
     def _only_client(self, msg: Message) -> tuple[int, int | None]:
-        """A reply to no message this strategy sent: the sender's client, where its domain has just one."""
+        """A reply to no message this strategy sent: the sender's client, where it serves just one."""
         peer = self.peers.get(msg.metadata.src_node_id)
-        one = peer is not None and peer.domain in self.node_of and self.spec.cfg.federation.clients_per_domain == 1
-        return msg.metadata.src_node_id, self.spec.client_index(peer.domain, 0) if one else None
+        one = peer is not None and peer.domain != self.spec.target and len(peer.clients) == 1
+        return msg.metadata.src_node_id, self.spec.client_index(peer.domain, peer.clients[0]) if one else None
 
     def _fail(self, node_id: int, index: int | None, why: str) -> None:
         """`index`: the client the failure is about (None: the node's evaluation)."""

@@ -226,8 +226,14 @@ def _execute(cfg, out: Path, again: str, note: str, engine: str = "inprocess", r
         raise
     from trip.results import table_rows, text_table
 
-    print(f"\n{cfg.name}: target accuracy (%) per held-out domain, selected by source validation\n")
-    print(text_table(*table_rows(runs, cfg.data.name)))
+    if cfg.protocol == "multidomain":
+        from trip.multidomain_results import text_tables
+
+        print(f"\n{cfg.name}: in-domain test accuracy (%) per domain, selected by validation\n")
+        print(text_tables(cfg, runs))
+    else:
+        print(f"\n{cfg.name}: target accuracy (%) per held-out domain, selected by source validation\n")
+        print(text_table(*table_rows(runs, cfg.data.name)))
     print(f"\n{len(runs)} runs in {time.perf_counter() - start:.0f} s; run folder: {out}")
     if note:
         print(note)

@@ -11,7 +11,10 @@ A method declares, besides its forward pass (`loss`, `logits`):
   differs from how clients train. A client uploads `target_upload` once (counted by `count_upload`, apart from the
   per-round cost); `target_model` builds the deployed model from the shared tensors and every client's upload.
   That deployed model is what `logits` gets for evaluation, on the target *and* on the source validation splits
-  that select the round, so the round is selected for the model that is deployed."""
+  that select the round, so the round is selected for the model that is deployed;
+- `personal_model(shared, private)`: a client's personalised model, tested under `protocol: multidomain` on its
+  own domain's test split beside the deployed one (None, the default: the method has none). It is built where the
+  private tensors are (a Flower SuperNode), from the current global tensors and the client's private ones."""
 
 from __future__ import annotations
 
@@ -124,6 +127,10 @@ class Method:
 
     def target_model(self, shared: Tensors, uploads: list[Tensors]) -> Tensors:
         return shared
+
+    def personal_model(self, shared: Tensors, private: Tensors) -> Tensors | None:
+        """The model a client with `private` predicts its own domain with (what `logits` gets), or None."""
+        return None
 
     def loss(self, params: Tensors, batch: Split) -> torch.Tensor:
         """`params`: the shared tensors and the client's private ones, in one dict (names never clash)."""

@@ -18,7 +18,8 @@ from flwr.clientapp import ClientApp
 from trip.federation.client import accuracy, client_update
 from trip.federation.flower import node
 from trip.federation.flower.private_store import PrivateStore
-from trip.federation.flower.protocol import MODELS, RunSpec, from_record, node_domain, to_record
+from trip.federation.flower.protocol import MODELS, SHARED, RunSpec, from_record, node_domain, to_record
+from trip.federation.multidomain import personal_accuracy
 from trip.federation.rounds import round_seed
 from trip.methods.base import Method, Split, Tensors
 from trip.workspace import Workspace
@@ -65,6 +66,21 @@ class Site:
         if self.store and private:
             self.store.save(k, r, private)
 
+    def in_domain_metrics(self, context: Context, msg: Message, models: dict[str, Tensors]) -> dict:
+        """multidomain: each deployed model's accuracy on the node's in-domain test split ("test-<model>"), and
+        each of its clients' personalised models' ("personal-<model>", in client order) where the method has them.
+        A client's private tensors are those after the round being evaluated."""
+        test, dev = self.ws.in_domain_tests()[self.domain], self.ws.backbone.device
+        r = int(msg.content["config"]["server-round"]) - 1
+        out: dict = {f"test-{m}": accuracy(self.method, p, test) for m, p in models.items()}
+        for m in models:
+            shared = from_record(msg.content[SHARED.format(m)], dev)
+            accs = [personal_accuracy(self.method, shared, self.private(context, k, r + 1), test)
+                    for k in range(self.spec.cfg.federation.clients_per_domain)]
+            if None not in accs:
+                out[f"personal-{m}"] = accs
+        return out
+
     def eval_splits(self) -> list[Split]:
         if self.domain == self.spec.target:
             return [self.ws.target(self.domain)]
@@ -99,8 +115,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = Site.of(context)
     splits = site.eval_splits()
     dev = site.ws.backbone.device
-    acc = {name: [accuracy(site.method, params, split) for split in splits]
-           for name in MODELS if name in msg.content.array_records
-           for params in [from_record(msg.content[name], dev)]}
-    metrics = MetricRecord({**{f"acc-{k}": v for k, v in acc.items()}, "num-examples": sum(map(len, splits))})
+    models = {name: from_record(msg.content[name], dev) for name in MODELS if name in msg.content.array_records}
+    acc = {name: [accuracy(site.method, params, split) for split in splits] for name, params in models.items()}
+    in_domain = site.in_domain_metrics(context, msg, models) if site.spec.cfg.protocol == "multidomain" else {}
+    metrics = MetricRecord({**{f"acc-{k}": v for k, v in acc.items()}, **in_domain,
+                            "num-examples": sum(map(len, splits))})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -24,8 +24,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from trip.errors import TripError
+from trip.federation import multidomain
 from trip.federation.flower.polling import Backoff
-from trip.federation.flower.protocol import RunSpec, to_record
+from trip.federation.flower.protocol import SHARED, RunSpec, to_record
 from trip.federation.partition import client_names
 from trip.federation.rounds import Accepted, Server, eval_record, participation, round_lr, round_record
 from trip.methods.base import Method
@@ -221,14 +222,19 @@ class TripStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """`arrays`: the deployed server model; the BMA one (if any) goes with it."""
-        content = RecordDict({**self._model_records(), "server": arrays,
+        """`arrays`: the deployed server model; the BMA one (if any) goes with it, and under multidomain the
+        global tensors of each (the nodes build their clients' personalised models from them)."""
+        shared = {SHARED.format(m): to_record(p) for m, p in self.server.shared().items()} \
+            if self.spec.cfg.protocol == "multidomain" else {}
+        content = RecordDict({**self._model_records(), **shared, "server": arrays,
                               "config": ConfigRecord({**config, "server-round": server_round})})
         peers = self._online(grid, [*self.sources, *([self.target_peer] if self.target_peer else [])])
         return [self._message(content, p, MessageType.EVALUATE, server_round) for p in peers]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         acc: dict[str, dict[str, float]] = {}  # client (or the held-out domain) -> model -> accuracy
+        tests: dict[str, dict[str, float]] = {}  # multidomain: model -> domain -> in-domain test accuracy
+        personal: dict[str, dict[str, float]] = {}  # multidomain: model -> client -> its personalised model's
         for msg in replies:
             node_id, _ = self._sent.get(msg.metadata.reply_to_message_id, (msg.metadata.src_node_id, None))
             if msg.has_error() or "metrics" not in msg.content.metric_records:
@@ -241,11 +247,19 @@ class TripStrategy(Strategy):
             for m in self.models:
                 for name, a in zip(names, metrics.get(f"acc-{m}", [math.nan] * len(names)), strict=True):
                     acc.setdefault(name, {})[m] = float(a)
+                if f"test-{m}" in metrics:
+                    tests.setdefault(m, {})[domain] = float(metrics[f"test-{m}"])
+                personal.setdefault(m, {}).update(zip(names, map(float, metrics.get(f"personal-{m}", []))))
         val_clients = [c for c in self.clients if c in acc]
         if not val_clients:
             raise TripError(f"round {server_round - 1}: no source node returned its validation accuracy")
-        ev = eval_record({m: {c: acc[c][m] for c in val_clients} for m in self.models},
-                         {m: a for m, a in acc.get(self.spec.target, {}).items()})
+        val = {m: {c: acc[c][m] for c in val_clients} for m in self.models}
+        if self.spec.cfg.protocol == "multidomain":
+            ev = multidomain.eval_record(
+                val, {m: {d: tests.get(m, {}).get(d, math.nan) for d in self.spec.sources} for m in self.models},
+                {m: {c: personal[m][c] for c in val_clients if c in personal.get(m, {})} for m in self.models})
+        else:
+            ev = eval_record(val, {m: a for m, a in acc.get(self.spec.target, {}).items()})
         self.round_state["eval"] = ev
         return MetricRecord({f"val-mean-{m}": ev[m]["val_mean"] for m in ev})
 

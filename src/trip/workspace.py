@@ -147,11 +147,11 @@ def prepare(cfg: ExperimentCfg, only: list[str] | None = None) -> Workspace:
     root = dataset_root(spec, cfg.data.root, cfg.data.images_per_class, seed=0) if names else None
     data = load_domains(spec, root, cfg.data, names)  # refuses unreadable images unless data.skip_bad_images
     spec, domains = data.spec, data.domains
-    problems = split_problems(cfg, spec, {d: len(dom) for d, dom in domains.items()})
+    tests = in_domain_tests(cfg, domains)
+    problems = split_problems(cfg, spec, {d: len(dom) - len(tests.get(d, ())) for d, dom in domains.items()})
     if problems:
         raise TripError("\n  ".join(["a domain's split is empty, so the runs cannot train or select a round:",
                                         *problems]))
-    tests = in_domain_tests(cfg, domains)
     device = resolve_device(cfg.device)
     backbone = load_backbone(cfg.backbone, device)
     methods = [build_method(m, backbone, spec.classes) for m in cfg.methods]
@@ -170,7 +170,7 @@ def in_domain_tests(cfg: ExperimentCfg, domains: dict[str, Domain]) -> dict[str,
 
 def split_problems(cfg: ExperimentCfg, spec: DatasetSpec, sizes: dict[str, int]) -> list[str]:
     """What makes a run meaningless before it starts: a domain with no images, or a source domain (a client of
-    some run) whose train or validation split is empty. `sizes`: images per domain, as the runs would use them."""
+    some run) whose train or validation split is empty. `sizes`: images per domain its clients share."""
     targets = targets_of(cfg, spec)
     vf = cfg.data.val_fraction
     problems: dict[str, list[str]] = {}  # problem -> the domains that have it

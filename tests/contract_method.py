@@ -1,7 +1,8 @@
 """A test-only method that uses every hook of the method contract, so the engines are checked on it before any
 real method needs them: patch tokens and feature norms as inputs, its own SGD with momentum, an unweighted
-average, a private per-client tensor that is trained but never travels, a frozen private tensor, and a target
-predictor that differs from the clients' (the shared head plus the mean of the clients' uploaded offsets).
+average, a private per-client tensor that is trained but never travels, a frozen private tensor, a target
+predictor that differs from the clients' (the shared head plus the mean of the clients' uploaded offsets), and a
+personalised model per client (the shared head plus its own offset and gain).
 
 Registered on import; name this module in $TRIP_PLUGINS (with tests/ on PYTHONPATH) for Flower's processes."""
 
@@ -58,6 +59,9 @@ class ContractMethod(Method):
     def target_model(self, shared: Tensors, uploads: list[Tensors]) -> Tensors:
         mean = torch.stack([u["offset"] for u in uploads]).mean(0)
         return {"head": shared["head"], "offset": mean, "gain": torch.ones(1, device=mean.device)}
+
+    def personal_model(self, shared: Tensors, private: Tensors) -> Tensors:
+        return {"head": shared["head"], "offset": private["offset"], "gain": private["gain"]}
 
     def _image(self, batch: Split) -> torch.Tensor:
         """[b, E] the feature moved towards the mean patch token, scaled by its norm."""

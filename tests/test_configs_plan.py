@@ -26,14 +26,19 @@ def _png() -> bytes:
 
 
 def _fake_tree(base: Path, spec: DatasetSpec, per_class: int = 1) -> Path:
-    """<base>/<data set folder>/<domain>/<class>/<n>.png with the canonical domains and classes."""
+    """<base>/<data set folder>/<domain>/<class>/<n>.png with the canonical domains and classes, and split files
+    (<domain>_train.txt, <domain>_test.txt: every third class's images in the test file) as DomainNet's."""
     data = _png()
     for domain in spec.domains:
-        for cls in spec.classes:
+        listed: dict[str, list[str]] = {"train": [], "test": []}
+        for label, cls in enumerate(spec.classes):
             folder = base / spec.folder_names[0] / domain / cls
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 (folder / f"{i}.png").write_bytes(data)
+                listed["test" if label % 3 == 0 else "train"].append(f"{domain}/{cls}/{i}.png {label}\n")
+        for part, lines in listed.items():
+            (base / spec.folder_names[0] / f"{domain}_{part}.txt").write_text("".join(lines))
     return base
 
 
@@ -54,6 +59,10 @@ def test_the_tables_have_their_configs():
     names = {c.relative_to(REPO / "configs").as_posix() for c in CONFIGS}
     for bench in ("pacs", "officehome", "vlcs", "domainnet"):
         assert {f"{bench}/{m}.yaml" for m in ("trip", "trip-lite", "promptfl", "fedclip", "zeroshot")} <= names
+        assert {f"{bench}/multidomain-{m}.yaml" for m in ("trip", "promptfl", "fedotp", "zeroshot")} <= names
+        assert all(load_config(REPO / "configs" / n).protocol == "multidomain" for n in names
+                   if n.startswith(f"{bench}/multidomain-"))
+    assert load_config(REPO / "configs/domainnet/multidomain-trip.yaml").data.domainnet_splits == "official"
     assert "ablations/officehome.yaml" in names
     assert {f"{bench}/base2novel.yaml" for bench in ("pacs", "officehome", "vlcs", "domainnet")} <= names
 
@@ -66,8 +75,12 @@ def test_every_config_passes_the_dry_run(path, fake_roots, capsys):
     assert main(["run", str(path), "--dry-run", "--data-root", str(fake_roots(cfg.data.name))]) == 0
     out = capsys.readouterr().out
     spec = get_dataset(cfg.data.name)
-    runs = len(cfg.seeds) * len(cfg.methods) * len(spec.domains)
-    assert f"= {runs} runs; {len(spec.domains) - 1} clients per run" in out
+    if cfg.protocol == "multidomain":  # one run per (seed, method); every domain a client, with its test split
+        assert f"= {len(cfg.seeds) * len(cfg.methods)} runs; {len(spec.domains)} clients per run" in out
+        assert "test images" in out
+    else:
+        runs = len(cfg.seeds) * len(cfg.methods) * len(spec.domains)
+        assert f"= {runs} runs; {len(spec.domains) - 1} clients per run" in out
     if spec.counts_exact:
         assert "the standard release has" in out  # one image per class is far from the real counts
 
@@ -81,8 +94,10 @@ def test_paper_configs_hold_the_paper_settings(path):
     assert (t.rounds, t.local_epochs, t.batch_size, t.lr, t.lr_decay) == (15, 1, 16, 5e-4, 0.8)
     assert (t.betas, t.eps, t.weight_decay) == ((0.9, 0.98), 1e-7, 0.01)
     fedapt = {"pacs": 58_880, "vlcs": 42_496, "officehome": 534_016, "domainnet": 2_828_800}[path.parent.name]
+    if path.stem == "multidomain-fedapt":
+        fedapt += 512  # every domain is a client: one more domain-classifier output
     want = {"trip": 65_536, "trip-lite": 1_024, "promptfl": 8_192, "fedclip": 525_312, "zeroshot": 0,
-            "fedotp": 8_192, "fedapt": fedapt}[path.stem]
+            "fedotp": 8_192, "fedapt": fedapt}[path.stem.removeprefix("multidomain-")]
     assert all(comm_params(m, 512, 768, len(get_dataset(cfg.data.name).classes)) == want for m in cfg.methods)
 
 

@@ -231,10 +231,16 @@ def _execute(cfg, out: Path, again: str, note: str, engine: str = "inprocess", r
         raise
     from trip.results import accuracy_tables, text_table
 
-    for title, header, rows in accuracy_tables(runs, cfg.data.name):
-        print(f"\n{cfg.name}: target accuracy (%) per held-out domain{', ' + title if title else ''}, selected by "
-              f"source validation\n")
-        print(text_table(header, rows))
+    if cfg.protocol == "multidomain":
+        from trip.multidomain_results import text_tables
+
+        print(f"\n{cfg.name}: in-domain test accuracy (%) per domain, selected by validation\n")
+        print(text_tables(cfg, runs))
+    else:
+        for title, header, rows in accuracy_tables(runs, cfg.data.name):
+            print(f"\n{cfg.name}: target accuracy (%) per held-out domain{', ' + title if title else ''}, "
+                  f"selected by source validation\n")
+            print(text_table(header, rows))
     print(f"\n{len(runs)} runs in {time.perf_counter() - start:.0f} s; run folder: {out}")
     if note:
         print(note)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trip.errors import TripError
 
 SEED_LIMIT = 2**32  # numpy's RandomState takes seeds 0 .. 2**32 - 1
+ALL_DOMAINS = "all"  # the `target` of a multidomain run (results.json, rounds.jsonl, checkpoints): no domain held out
 
 
 class _Strict(BaseModel):
@@ -34,6 +35,9 @@ class DataCfg(_Strict):
     root: str | None = None  # None: $TRIP_DATA, or the cache folder for the synthetic set
     targets: list[str] | Literal["all"] = "all"  # held-out domains, one leave-one-out run each
     val_fraction: float = Field(0.2, gt=0, lt=1)
+    # multidomain: the share of each domain's images held out as its in-domain test split (seeded, the same for
+    # every seed); with domainnet_splits: official, DomainNet's <domain>_test.txt is the test split instead
+    test_fraction: float = Field(0.2, gt=0, lt=1)
     images_per_class: int = Field(40, ge=2)  # synthetic only
     shots_per_class: int | None = Field(None, ge=1)  # few-shot: k train images per class per client; None: all
     max_images_per_domain: int | None = Field(None, ge=4)  # subsample (seeded) for smoke tests
@@ -323,6 +327,14 @@ class ExperimentCfg(_Strict):
                              f"(numpy's RandomState)")
         _refuse_repeats(seeds, "seed", "a repeated seed reruns the same run and fakes a spread of ± 0.00")
         return seeds
+
+    @model_validator(mode="after")
+    def _no_held_out_domain_in_multidomain(self) -> ExperimentCfg:
+        if self.protocol == "multidomain" and self.data.targets != "all":
+            raise ValueError(f"data.targets {self.data.targets} names held-out domains, but protocol multidomain "
+                             f"holds none out (every domain is a client, tested on its own test split): remove "
+                             f"data.targets, or choose protocol lodo")
+        return self
 
     @model_validator(mode="after")
     def _distinct_labels(self) -> ExperimentCfg:

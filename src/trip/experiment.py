@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from trip import expert_usage, results
+from trip import expert_usage, multidomain_results, results
 from trip.checkpoint import RunCheckpoints, run_key
-from trip.config import ExperimentCfg, dump_config
+from trip.config import ALL_DOMAINS, ExperimentCfg, dump_config
 from trip.errors import TripError
-from trip.federation import privacy, secure
+from trip.federation import multidomain, privacy, secure
 from trip.federation.inprocess import FederationResult, RoundLogger, run_federation
 from trip.federation.partition import client_names
 from trip.federation.rounds import select_round, selection_model
@@ -70,7 +70,7 @@ def _in_process(ws: Workspace, out: Path) -> Federate:
     def federate(method: Method, target: str, seed: int, log: RoundLogger) -> FederationResult:
         checkpoints = RunCheckpoints(out / "checkpoints" / run_key(method.label, target, seed))
         state = checkpoints.latest() if method.trainable else None
-        return run_federation(method, ws.clients(target, seed), ws.target(target), ws.cfg.train, seed, log,
+        return run_federation(method, ws.clients(target, seed), ws.evaluation(target), ws.cfg.train, seed, log,
                               federation=ws.cfg.federation, resume=state, on_round=checkpoints.save)
 
     return federate
@@ -88,7 +88,8 @@ def _run_all(ws: Workspace, out: Path, runs: list[dict], federate: Federate) -> 
                     if (method.label, target, seed) not in done:
                         runs.append(_run_one(ws, out, method, target, seed, rounds_file, federate))
                         results.write_results(out, cfg, runs, skipped_images=ws.skipped_images, classes=classes)
-    results.write_summary(out, cfg, runs)
+    summary = multidomain_results.write_summary if cfg.protocol == "multidomain" else results.write_summary
+    summary(out, cfg, runs)
     expert_usage.write(ws, out)  # before the figures: they read it
     from trip import viz  # matplotlib: imported only where figures are drawn (not in Flower workers)
 
@@ -213,7 +214,8 @@ def _run_one(ws: Workspace, out: Path, method: Method, target: str, seed: int, r
     torch.manual_seed(seed)
     sources = [d for d in ws.dataset.domains if d != target]
     total = cfg.train.rounds if method.trainable else 1
-    bar = tqdm(total=total, desc=f"{method.label:>12} | held out {target:<10} | seed {seed}", leave=False)
+    tested = "in-domain" if target == ALL_DOMAINS else f"held out {target:<10}"
+    bar = tqdm(total=total, desc=f"{method.label:>12} | {tested} | seed {seed}", leave=False)
     key = {"method": method.label, "target": target, "seed": seed}
 
     def log(record: dict) -> None:
@@ -228,7 +230,8 @@ def _run_one(ws: Workspace, out: Path, method: Method, target: str, seed: int, r
         _log_checkpointed_rounds(out, key, log)
     result = federate(method, target, seed, log)
     bar.close()
-    chosen = select_round(result.history, selection_model(method))
+    select = multidomain.select if cfg.protocol == "multidomain" else select_round
+    chosen = select(result.history, selection_model(method))
     return {**key, **chosen, "comm_params_per_round": method.comm_params,
             "comm_bytes_per_round": 4 * method.comm_params, "comm_upload_once_params": method.upload_params,
             "rounds": len(result.history),

@@ -14,6 +14,7 @@ from trip.classes import ClassSplit, class_split
 from trip.config import BackboneCfg, ExperimentCfg, method_label
 from trip.data.datasets import DatasetSpec, dataset_root, get_dataset
 from trip.data.folder import Domain, split_indices, subsample
+from trip.data.holdout import in_domain_split
 from trip.data.loading import scan_domains
 from trip.errors import TripError
 from trip.federation.partition import few_shot, partition
@@ -31,6 +32,7 @@ class DomainPlan:
     train: int
     val: int
     clients: list[tuple[int, int]]  # each client's (train, val) images, for the config's first seed
+    test: int = 0  # multidomain: the domain's in-domain test split
 
 
 @dataclass
@@ -56,13 +58,14 @@ def make_plan(cfg: ExperimentCfg) -> Plan:
     targets = targets_of(cfg, spec)
     widths = backbone_widths(cfg.backbone)
     weights = describe_weights(cfg.backbone)
-    spec, where, labels, warnings = _scan(cfg, spec)
+    spec, where, scanned, warnings = _scan(cfg, spec)
     check_protocol(cfg, spec)
     cut = class_split(cfg.protocol, spec.classes)
-    domains = {d: _split_sizes(cfg, lab, list(spec.domains).index(d), d, cut) for d, lab in labels.items()}
+    labels = {d: dom.labels for d, dom in scanned.items()}
+    domains = {d: _split_sizes(cfg, dom, list(spec.domains).index(d), cut) for d, dom in scanned.items()}
     warnings += [f"{d}: {n} of {len(spec.classes)} classes have no images" for d, lab in labels.items()
                  if (n := int((np.bincount(lab, minlength=len(spec.classes)) == 0).sum()))]
-    warnings += split_problems(cfg, spec, {d: p.images for d, p in domains.items()})
+    warnings += split_problems(cfg, spec, {d: p.images - p.test for d, p in domains.items()})
     params = {method_label(m): comm_params(m, *widths, len(spec.classes)) for m in cfg.methods}
     uploads = {method_label(m): upload_params(m, *widths, len(spec.classes)) for m in cfg.methods}
     return Plan(cfg, spec, where, domains, targets, weights, widths, params, warnings, uploads)
@@ -95,41 +98,55 @@ def describe_weights(cfg: BackboneCfg) -> str:
     return f"open_clip tag {tag!r} (needs the hub or its cache; offline, a local file: docs/reproduce.md)"
 
 
-def _scan(cfg: ExperimentCfg, spec: DatasetSpec) -> tuple[DatasetSpec, str, dict[str, np.ndarray], list[str]]:
-    """The spec whose class list the labels index, where the data is, the labels of each domain's images as a
-    run would use them (found and subsampled, not decoded), and warnings."""
+def _scan(cfg: ExperimentCfg, spec: DatasetSpec) -> tuple[DatasetSpec, str, dict[str, Domain], list[str]]:
+    """The spec whose class list the labels index, where the data is, each domain's images as a run would use
+    them (found and subsampled, not decoded), and warnings."""
     if spec.name == "synthetic":  # written on first use: nothing on disk to check yet
         labels = np.repeat(np.arange(len(spec.classes)), cfg.data.images_per_class)  # sorted as the files are
-        labels = subsample(Domain("", Path(), [""] * len(labels), labels), cfg.data.max_images_per_domain, 0).labels
-        return spec, "generated on the first run", {d: labels for d in spec.domains}, []
+        domains = {d: subsample(Domain(d, Path(), [""] * len(labels), labels), cfg.data.max_images_per_domain, 0)
+                   for d in spec.domains}
+        return spec, "generated on the first run", domains, []
     root = dataset_root(spec, cfg.data.root, cfg.data.images_per_class, seed=0)
     spec, domains = scan_domains(spec, root, cfg.data)
     warnings = []
     if spec.counts_exact and cfg.data.max_images_per_domain is None:
         warnings = [f"{d}: {len(dom):,} images; the standard release has {spec.expected_counts[d]:,}"
                     for d, dom in domains.items() if spec.expected_counts.get(d, len(dom)) != len(dom)]
-    return spec, str(root), {d: dom.labels for d, dom in domains.items()}, warnings
+    return spec, str(root), domains, warnings
 
 
-def _split_sizes(cfg: ExperimentCfg, labels: np.ndarray, domain_idx: int, domain: str,
-                 cut: ClassSplit | None) -> DomainPlan:
+def _split_sizes(cfg: ExperimentCfg, domain: Domain, domain_idx: int, cut: ClassSplit | None) -> DomainPlan:
     """The split sizes do not depend on the seed; a Dirichlet partition's client sizes and a few-shot client's
-    train size do (the first seed's). Under base2novel (`cut`) the train sizes count base-class images only."""
+    train size do (the first seed's). Under base2novel (`cut`) the train sizes count base-class images only; under
+    multidomain the clients share what the in-domain test split leaves."""
     vf, seed = cfg.data.val_fraction, cfg.seeds[0]
+    share, test = _share_and_test(cfg, domain)
+    labels = domain.labels[share]
     train, val = split_indices(len(labels), vf, seed=0)
     clients = []
-    for client_no, idx in enumerate(partition(labels, cfg.federation, seed, domain_idx, domain)):
+    for client_no, idx in enumerate(partition(labels, cfg.federation, seed, domain_idx, domain.name)):
         train_pos, val_pos = split_indices(len(idx), vf, seed)
         trained = cut.trained(labels, idx[train_pos]) if cut else idx[train_pos]
         shots = few_shot(labels[trained], cfg.data.shots_per_class, seed, domain_idx, client_no)
         clients.append((len(shots), len(val_pos)))
-    return DomainPlan(len(labels), len(cut.trained(labels, train) if cut else train), len(val), clients)
+    return DomainPlan(len(domain), len(cut.trained(labels, train) if cut else train), len(val), clients, len(test))
+
+
+def _share_and_test(cfg: ExperimentCfg, domain: Domain) -> tuple[np.ndarray, np.ndarray]:
+    """(the images the domain's clients share, its in-domain test split): all and none outside multidomain."""
+    if cfg.protocol != "multidomain":
+        return np.arange(len(domain)), np.arange(0)
+    return in_domain_split(domain, cfg.data.test_fraction, cfg.data.domainnet_splits == "official")
 
 
 def format_plan(plan: Plan) -> str:
     cfg, spec = plan.cfg, plan.dataset
     t, f = cfg.train, cfg.federation
-    domains = [[d, f"{p.images:,}", f"{p.train:,}", f"{p.val:,}"] for d, p in plan.domains.items()]
+    in_domain = cfg.protocol == "multidomain"
+    domains = [[d, f"{p.images:,}", f"{p.train:,}", f"{p.val:,}", *([f"{p.test:,}"] if in_domain else [])]
+               for d, p in plan.domains.items()]
+    runs_of = "multidomain run(s) (no domain held out)" if in_domain else "held-out domain(s)"
+    sources = len(spec.domains) - (0 if in_domain else 1)
     methods = [[label, f"{n:,}", f"{4 * n:,}", f"{plan.uploads[label]:,}"] for label, n in plan.params.items()]
     lines = [
         f"Dry run of '{cfg.name}': the config is valid and the data checks passed; nothing was trained.",
@@ -138,17 +155,17 @@ def format_plan(plan: Plan) -> str:
         f"weights   {plan.weights}",
         f"data      {spec.name}: {plan.data_where} ({len(spec.domains)} domains, {len(spec.classes)} classes)",
         "",
-        _indent(text_table(["domain", "images", "train", "val"], domains)),
+        _indent(text_table(["domain", "images", "train", "val", *(["test"] if in_domain else [])], domains)),
         "",
         f"runs      {len(cfg.seeds)} seed(s) {cfg.seeds} × {len(cfg.methods)} method(s) × {len(plan.targets)} "
-        f"held-out domain(s) = {plan.runs} runs; {(len(spec.domains) - 1) * f.clients_per_domain} clients per run; "
+        f"{runs_of} = {plan.runs} runs; {sources * f.clients_per_domain} clients per run; "
         f"{t.rounds} rounds × {t.local_epochs} local epoch(s), batch {t.batch_size}",
         f"clients   {_federation(cfg)}",
         *_classes_line(plan),
         *([f"few-shot  {cfg.data.shots_per_class} train image(s) per class per client (fewer where a class has "
            f"fewer); validation and held-out sets whole"] if cfg.data.shots_per_class else []),
         "",
-        _held_out_table(plan),
+        _in_domain_table(plan) if in_domain else _held_out_table(plan),
         "",
         _indent(text_table(["method", "params/round", "bytes/round (fp32)", "params once"], methods)),
         "  (sent by each client per round, and received back from the server; \"once\": uploaded by each client",
@@ -176,6 +193,14 @@ def _held_out_table(plan: Plan) -> str:
     for target in plan.targets:
         clients = ", ".join(f"{d} {_client_sizes(p)}" for d, p in plan.domains.items() if d != target)
         lines.append(f"{target:<{width}}  {plan.domains[target].images:>13,}  {clients}")
+    return _indent("\n".join(lines))
+
+
+def _in_domain_table(plan: Plan) -> str:
+    """multidomain: one line per domain, its in-domain test split and its clients' train/val sizes."""
+    width = max(len("domain"), *map(len, plan.domains))
+    lines = [f"{'domain':<{width}}  test images  clients (train/val images)"]
+    lines += [f"{d:<{width}}  {p.test:>11,}  {_client_sizes(p)}" for d, p in plan.domains.items()]
     return _indent("\n".join(lines))
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from trip.config import load_config
+from trip import multidomain_results
+from trip.config import ALL_DOMAINS, load_config
 from trip.errors import TripError
 from trip.outputs import check_writable
 from trip.paper import SOURCE, published
@@ -38,6 +39,11 @@ class Run:
     label: str
     files: RunFiles
     planned: Planned  # what its config asks for
+    protocol: str = "lodo"  # its config's protocol
+
+    @property
+    def in_domain(self) -> bool:
+        return self.protocol == "multidomain"
 
     @property
     def runs(self) -> list[dict]:
@@ -79,7 +85,7 @@ def read_run(path: Path, label: str) -> Run:
     else:
         files = RunFiles({"experiment": cfg.name, "dataset": cfg.data.name, "backbone": cfg.backbone.model_dump(),
                           "runs": []}, [], None)
-    return Run(path, label, files, Planned.of(cfg))
+    return Run(path, label, files, Planned.of(cfg), cfg.protocol)
 
 
 def _check_entries(results, path: Path) -> None:
@@ -106,6 +112,7 @@ def write_report(run_dirs: list[Path], out: Path, html_page: bool = False) -> li
 
 def build_report(runs: list[Run], report_dir: Path, figures_dir: Path) -> str:
     sections = [_overview(runs, report_dir), _unfinished(runs), _accuracy(runs), _other_selections(runs),
+                _in_domain_accuracy(runs),
                 _communication(runs), _timing(runs), _figures(runs, report_dir, figures_dir)]
     return "\n\n".join(s for s in sections if s) + "\n"
 
@@ -136,7 +143,8 @@ def _unfinished(runs: list[Run]) -> str:
     lines = []
     for run in runs:
         if missing := run.missing:
-            named = [f"{m} held out {t} (seed {s})" for m, t, s in missing[:SHOWN_MISSING]]
+            named = [f"{m} {'in-domain' if t == ALL_DOMAINS else f'held out {t}'} (seed {s})"
+                     for m, t, s in missing[:SHOWN_MISSING]]
             more = f"; and {len(missing) - SHOWN_MISSING} more" if len(missing) > SHOWN_MISSING else ""
             lines.append(f"- **{run.label}** ({run.status}): missing {'; '.join(named)}{more}")
     if not lines:
@@ -151,6 +159,9 @@ def _accuracy(runs: list[Run]) -> str:
     """One table per (data set, held-out domains), three (base, novel, HM) for base2novel runs; the runs' rows side
     by side, each method's row followed by the paper's numbers where published."""
     groups: dict[tuple, tuple[list[str], list[list[str]]]] = {}
+    runs = [run for run in runs if not run.in_domain]  # multidomain folders: `_in_domain_accuracy`
+    if not runs:
+        return ""
     for run in runs:
         for title, header, rows in accuracy_tables(run.runs, run.dataset, run.planned):
             _, all_rows = groups.setdefault((run.dataset, title, *header), (["run", *header], []))
@@ -174,7 +185,7 @@ def _other_selections(runs: list[Run]) -> str:
     before the rules were recorded are left out."""
     lines = []
     for key, rule in list(SELECTION_RULES.items())[1:]:
-        for run in runs:
+        for run in (run for run in runs if not run.in_domain):
             entries = [r for r in run.runs if r.get(key) is not None]
             if entries:
                 header, rows = table_rows(entries, planned=run.planned, key=key)
@@ -188,6 +199,25 @@ def _other_selections(runs: list[Run]) -> str:
                       "held-out domain itself, which looks at the test set; an upper bound, never a result. For a "
                       "base2novel run the accuracy is the HM of base and novel (results.json holds each part's "
                       "too, e.g. `acc_novel_last`).", *lines])
+
+
+def _in_domain_accuracy(runs: list[Run]) -> str:
+    """Multidomain run folders: per run folder, methods × (domains + mean) for the deployed and the personalised
+    models at the selected round, then the deployed model's last-round and test-selected numbers."""
+    lines = []
+    for run in (run for run in runs if run.in_domain):
+        domains = [d for d in dict.fromkeys(d for r in run.runs for d in r.get("domains", {}))]
+        lines += ["", f"### `{run.label}` (data set `{run.dataset}`)",
+                  *multidomain_results.tables(run.runs, domains, run.planned.methods, list(multidomain_results.TABLES),
+                                              len(run.planned.seeds), heading="####")]
+    if not lines:
+        return ""
+    return "\n".join(["## In-domain test accuracy (%) (protocol multidomain)", "",
+                      "Every domain is a client and is tested on its own held-out test split. Per domain and their "
+                      "mean, at the round with the best mean validation accuracy over the clients (BMA model for "
+                      "TRIP, server model otherwise), mean ± std over seeds; a domain's personalised accuracy is the "
+                      "mean over its clients. The last-round and test-selected (oracle) tables are not results.",
+                      *lines])
 
 
 def _human_bytes(n: float) -> str:

@@ -9,7 +9,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from trip.config import ExperimentCfg, method_label
+from trip.config import ALL_DOMAINS, ExperimentCfg, method_label
 from trip.data.datasets import get_dataset
 from trip.paper import PAPER_COMM, SOURCE, published
 
@@ -52,6 +52,8 @@ class Planned:
     @classmethod
     def of(cls, cfg: ExperimentCfg) -> Planned:
         targets = get_dataset(cfg.data.name).domains if cfg.data.targets == "all" else cfg.data.targets
+        if cfg.protocol == "multidomain":
+            targets = [ALL_DOMAINS]
         return cls([method_label(m) for m in cfg.methods], list(targets), list(cfg.seeds))
 
     def missing(self, runs: list[dict]) -> list[tuple[str, str, int]]:
@@ -89,7 +91,7 @@ def table_rows(runs: list[dict], dataset: str | None = None, planned: Planned | 
         per_seed_avg = [statistics.fmean(r[key] for r in mine if r["seed"] == s) for s in seeds
                         if len({r["target"] for r in mine if r["seed"] == s}) == len(targets)]
         params = f"{mine[0]['comm_params_per_round']:,}" if mine else "—"
-        rows.append([m, *(_cell(v, seeds_planned) for v in [*per_target, per_seed_avg]), params])
+        rows.append([m, *(cell(v, seeds_planned) for v in [*per_target, per_seed_avg]), params])
         paper = published(dataset, m) if dataset else None
         if paper:
             rows += _paper_rows(m, paper, targets, [*per_target, per_seed_avg], seeds_planned)
@@ -122,7 +124,7 @@ def _paper_rows(label: str, paper: dict[str, float], targets: list[str], ours: l
             [f"{label} (ours − paper)", *diffs, ""]]
 
 
-def _cell(values: list[float], planned_seeds: int = 0) -> str:
+def cell(values: list[float], planned_seeds: int = 0) -> str:
     """Mean (± std) of `values`, one per seed; marked where fewer seeds than `planned_seeds` are done."""
     if not values:
         return "—"

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from trip import routing
 from trip.backbone import Backbone, load_backbone, load_image, resolve_device
-from trip.config import ExperimentCfg, TripCfg
+from trip.config import ALL_DOMAINS, ExperimentCfg, TripCfg
 from trip.data.datasets import DatasetSpec, get_dataset
 from trip.errors import TripError
 from trip.expert_usage import EXPERT_USAGE_FILE
@@ -338,7 +338,8 @@ def accuracy_figure(run: RunFiles) -> Figure | None:
         return None
     targets, methods = _ordered(r["target"] for r in run.rounds), _ordered(r["method"] for r in run.rounds)
     parts = any("target_base" in ev for r in run.rounds for ev in r["eval"].values())
-    rows = BASE2NOVEL_ROWS if parts else ACCURACY_ROWS
+    tested = "mean in-domain test" if targets == [ALL_DOMAINS] else "held-out target"
+    rows = BASE2NOVEL_ROWS if parts else (("target", f"{tested}\naccuracy (%)"), ACCURACY_ROWS[1])
     fig, axes = _panel_grid(len(rows), len(targets), f"{run.name}: accuracy per round (mean over seeds)")
     for j, target in enumerate(targets):
         for i, (field, ylabel) in enumerate(rows):
@@ -346,13 +347,18 @@ def accuracy_figure(run: RunFiles) -> Figure | None:
             for k, method in enumerate(methods):
                 mine = [r for r in run.rounds if r["method"] == method and r["target"] == target]
                 _plot_accuracy(ax, mine, field, method, series_color(k))
-            ax.set_title(f"held out: {target}" if i == 0 else "")
+            ax.set_title(_tested_on(target) if i == 0 else "")
             ax.set_ylabel(ylabel if j == 0 else "")
             ax.grid(alpha=0.3)
         axes[-1, j].set_xlabel("communication round")
         axes[-1, j].xaxis.set_major_locator(MaxNLocator(integer=True))
     _shared_legend(fig, axes)
     return fig
+
+
+def _tested_on(target: str) -> str:
+    """A panel's title: its held-out domain, or (multidomain) that every domain is tested on its own split."""
+    return "every domain, in-domain" if target == ALL_DOMAINS else f"held out: {target}"
 
 
 def _plot_accuracy(ax: Axes, records: list[dict], field: str, method: str, colour: str) -> None:
@@ -387,7 +393,7 @@ def train_loss_figure(run: RunFiles) -> Figure | None:
                 xs, ys = _mean_by_round(mine, lambda r, c=client: r["train_loss"].get(c))
                 if xs:
                     ax.plot(xs, ys, marker="o", markersize=3, color=series_color(k), label=f"client {client}")
-            ax.set_title(f"{method}, held out: {target}", fontsize=10)
+            ax.set_title(f"{method}, {_tested_on(target)}", fontsize=10)
             ax.set_ylabel("training loss (nats)" if j == 0 else "")
             ax.grid(alpha=0.3)
     for ax in axes[-1]:

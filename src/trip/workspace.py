@@ -14,9 +14,10 @@ import torch.nn.functional as F
 
 from trip.backbone import Backbone, load_backbone, resolve_device
 from trip.classes import ClassSplit, check_methods, class_split
-from trip.config import ExperimentCfg, method_label
+from trip.config import ALL_DOMAINS, ExperimentCfg, method_label
 from trip.data.datasets import DatasetSpec, dataset_root, get_dataset
 from trip.data.folder import Domain, split_indices
+from trip.data.holdout import in_domain_split
 from trip.data.loading import load_domains
 from trip.errors import TripError
 from trip.features import DomainFeatures, FrozenStore, Inputs
@@ -38,6 +39,8 @@ class Workspace:
     frozen: dict[str, DomainFeatures]
     methods: list[Method]
     skipped_images: dict[str, int] = field(default_factory=dict)  # unreadable images left out, per domain
+    # multidomain: each domain's in-domain test split (indices into the domain), which its clients never see
+    tests: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def inputs(self) -> Inputs:
@@ -75,9 +78,15 @@ class Workspace:
 
     def client_images(self, domain: str, seed: int) -> dict[str, np.ndarray]:
         """Client name -> the indices of its images in the domain (before data.shots_per_class)."""
-        fed = self.cfg.federation
-        parts = partition(self.domains[domain].labels, fed, seed, list(self.dataset.domains).index(domain), domain)
-        return dict(zip(client_names(domain, fed.clients_per_domain), parts, strict=True))
+        fed, pool = self.cfg.federation, self.clients_share(domain)
+        parts = partition(self.domains[domain].labels[pool], fed, seed, list(self.dataset.domains).index(domain),
+                          domain)
+        return dict(zip(client_names(domain, fed.clients_per_domain), (pool[p] for p in parts), strict=True))
+
+    def clients_share(self, domain: str) -> np.ndarray:
+        """The indices of the domain's images its clients hold: all but its in-domain test split (multidomain)."""
+        everything = np.arange(len(self.domains[domain]))
+        return np.setdiff1d(everything, self.tests[domain]) if domain in self.tests else everything
 
     def client_splits(self, domain: str, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
         """Client name -> the indices in the domain of its train images (cut to data.shots_per_class) and of its
@@ -123,8 +132,19 @@ class Workspace:
     def target(self, name: str) -> Split:
         return self.split(name, list(range(len(self.domains[name]))))
 
+    def in_domain_tests(self) -> dict[str, Split]:
+        """multidomain: each domain's in-domain test split, in the data set's domain order."""
+        return {d: self.split(d, self.tests[d]) for d in self.dataset.domains if d in self.tests}
+
+    def evaluation(self, target: str) -> Split | dict[str, Split]:
+        """What a run is tested on: its held-out domain, or (multidomain) every domain's in-domain test split."""
+        return self.in_domain_tests() if target == ALL_DOMAINS else self.target(target)
+
 
 def targets_of(cfg: ExperimentCfg, spec: DatasetSpec) -> list[str]:
+    """The runs' `target`s: each held-out domain, or ALL_DOMAINS alone (multidomain: no domain is held out)."""
+    if cfg.protocol == "multidomain":
+        return [ALL_DOMAINS]
     if cfg.data.targets == "all":
         return list(spec.domains)
     unknown = [t for t in cfg.data.targets if t not in spec.domains]
@@ -141,7 +161,8 @@ def prepare(cfg: ExperimentCfg, only: list[str] | None = None) -> Workspace:
     root = dataset_root(spec, cfg.data.root, cfg.data.images_per_class, seed=0) if names else None
     data = load_domains(spec, root, cfg.data, names)  # refuses unreadable images unless data.skip_bad_images
     spec, domains = data.spec, data.domains
-    problems = split_problems(cfg, spec, {d: len(dom) for d, dom in domains.items()})
+    tests = in_domain_tests(cfg, domains)
+    problems = split_problems(cfg, spec, {d: len(dom) - len(tests.get(d, ())) for d, dom in domains.items()})
     if problems:
         raise TripError("\n  ".join(["a domain's split is empty, so the runs cannot train or select a round:",
                                         *problems]))
@@ -151,7 +172,15 @@ def prepare(cfg: ExperimentCfg, only: list[str] | None = None) -> Workspace:
     methods = [build_method(m, backbone, spec.classes) for m in cfg.methods]
     store = FrozenStore(backbone, cache_dir())
     frozen = {d: store.load(spec.name, dom, experiment_inputs(methods)) for d, dom in domains.items()}
-    return Workspace(cfg, backbone, spec, domains, frozen, methods, data.skipped_counts())
+    return Workspace(cfg, backbone, spec, domains, frozen, methods, data.skipped_counts(), tests)
+
+
+def in_domain_tests(cfg: ExperimentCfg, domains: dict[str, Domain]) -> dict[str, np.ndarray]:
+    """multidomain: each domain's in-domain test split (`data/holdout.py`); none otherwise."""
+    if cfg.protocol != "multidomain":
+        return {}
+    official = cfg.data.domainnet_splits == "official"
+    return {d: in_domain_split(dom, cfg.data.test_fraction, official)[1] for d, dom in domains.items()}
 
 
 def check_protocol(cfg: ExperimentCfg, spec: DatasetSpec) -> None:
@@ -162,7 +191,7 @@ def check_protocol(cfg: ExperimentCfg, spec: DatasetSpec) -> None:
 
 def split_problems(cfg: ExperimentCfg, spec: DatasetSpec, sizes: dict[str, int]) -> list[str]:
     """What makes a run meaningless before it starts: a domain with no images, or a source domain (a client of
-    some run) whose train or validation split is empty. `sizes`: images per domain, as the runs would use them."""
+    some run) whose train or validation split is empty. `sizes`: images per domain its clients share."""
     targets = targets_of(cfg, spec)
     vf = cfg.data.val_fraction
     problems: dict[str, list[str]] = {}  # problem -> the domains that have it

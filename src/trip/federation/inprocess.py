@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 from trip.checkpoint import FederationState
 from trip.config import FederationCfg, TrainCfg
+from trip.federation import multidomain
 from trip.federation.client import NonFiniteError, client_update
 from trip.federation.rounds import Accepted, Client, Server, evaluate, participation, round_lr, round_record, round_seed
-from trip.methods.base import Method, Split
+from trip.methods.base import Method, Split, Tensors
 
 RoundLogger = Callable[[dict], None]
 
@@ -23,14 +24,15 @@ class FederationResult:
     models: dict[str, dict]  # the final deployed "server" (and "bma") models
 
 
-def run_federation(method: Method, clients: list[Client], target: Split, train: TrainCfg, seed: int,
+def run_federation(method: Method, clients: list[Client], target: Split | dict[str, Split], train: TrainCfg, seed: int,
                    log: RoundLogger, *, federation: FederationCfg | None = None, resume: FederationState | None = None,
                    on_round: Callable[[FederationState], None] | None = None) -> FederationResult:
-    """All rounds, or those after `resume`; `on_round` gets the state after each (for checkpoints)."""
+    """All rounds, or those after `resume`; `on_round` gets the state after each (for checkpoints). `target`: the
+    held-out domain, or (multidomain) each domain's in-domain test split."""
     server = Server(method, train, seed, len(clients))
     privates = [method.init_private(seed, i, len(clients)) for i in range(len(clients))]
     if not method.trainable:
-        record = {"round": 0, "eval": evaluate(method, server.models(), clients, target)}
+        record = {"round": 0, "eval": _evaluate(method, server, clients, privates, target)}
         log(record)
         return FederationResult([record], server.models())
     if resume is not None:
@@ -54,7 +56,7 @@ def run_federation(method: Method, clients: list[Client], target: Split, train: 
             privates[i] = u.private
             accepted.append(Accepted(i, c.name, u.params, c.weight, u.loss, method.target_upload(u.private)))
         server.aggregate(r, accepted, failed)
-        ev = evaluate(method, server.models(), clients, target)
+        ev = _evaluate(method, server, clients, privates, target)
         record = round_record(r, lr, taking_part.names([c.name for c in clients]), accepted, failed, ev,
                               time.perf_counter() - start)
         server.log(record)
@@ -62,3 +64,10 @@ def run_federation(method: Method, clients: list[Client], target: Split, train: 
         if on_round is not None:
             on_round(server.state(privates))
     return FederationResult(server.history, server.models())
+
+
+def _evaluate(method: Method, server: Server, clients: list[Client], privates: list[Tensors],
+              target: Split | dict[str, Split]) -> dict:
+    if isinstance(target, dict):
+        return multidomain.evaluate(method, server, clients, privates, target)
+    return evaluate(method, server.models(), clients, target)

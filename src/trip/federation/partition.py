@@ -17,6 +17,11 @@ def client_names(domain: str, k: int) -> list[str]:
     return [domain] if k == 1 else [f"{domain}/{i}" for i in range(k)]
 
 
+def client_domain(name: str) -> str:
+    """The domain of the client `name` (`client_names`' inverse)."""
+    return name.split("/")[0]
+
+
 def partition(labels: np.ndarray, fed: FederationCfg, seed: int, domain_idx: int, domain: str) -> list[np.ndarray]:
     """The image indices (sorted) of each of the domain's clients. K = 1: the whole domain, in its order."""
     n, k = len(labels), fed.clients_per_domain

@@ -157,10 +157,13 @@ class Server:
             raise every_client_failed(r, failed)
         self.commit(r, self.params if mean is None else mean)
 
+    def shared(self) -> dict[str, Tensors]:
+        """The global tensors, by model name: "server" (and "bma")."""
+        return {"server": self.params} | ({"bma": self.bma.params} if self.bma is not None else {})
+
     def models(self) -> dict[str, Tensors]:
         """The deployed models, by name: "server" (and "bma")."""
-        shared = {"server": self.params} | ({"bma": self.bma.params} if self.bma is not None else {})
-        return {name: self.method.target_model(p, self.uploads) for name, p in shared.items()}
+        return {name: self.method.target_model(p, self.uploads) for name, p in self.shared().items()}
 
     def log(self, record: dict) -> None:
         self.history.append(record)

@@ -14,7 +14,10 @@ A method declares, besides its forward pass (`loss`, `logits`):
   that select the round, so the round is selected for the model that is deployed;
 - `novel_classes`: whether it can score classes no client trained on (base-to-novel, `trip.classes`). Such a
   method honours `Split.classes`: `loss` and `logits` score a batch among the split's classes only, each class's
-  logit computed as if the method had been built on that class list."""
+  logit computed as if the method had been built on that class list.
+- `personal_model(shared, private)`: a client's personalised model, tested under `protocol: multidomain` on its
+  own domain's test split beside the deployed one (None, the default: the method has none). It is built where the
+  private tensors are (a Flower SuperNode), from the current global tensors and the client's private ones."""
 
 from __future__ import annotations
 
@@ -161,6 +164,10 @@ class Method:
 
     def target_model(self, shared: Tensors, uploads: list[Tensors]) -> Tensors:
         return shared
+
+    def personal_model(self, shared: Tensors, private: Tensors) -> Tensors | None:
+        """The model a client with `private` predicts its own domain with (what `logits` gets), or None."""
+        return None
 
     def loss(self, params: Tensors, batch: Split) -> torch.Tensor:
         """`params`: the shared tensors and the client's private ones, in one dict (names never clash)."""

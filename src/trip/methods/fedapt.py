@@ -48,7 +48,9 @@ class FedAPT(Method):
         """The client's domain index (its key is `self.keys[index]`); the loss never differentiates it."""
         if clients != self.cfg.sources:
             raise TripError(f"{self.label}: sources is {self.cfg.sources} but this run has {clients} source clients; "
-                            f"set `sources: {clients}` in the method's config (the data set's domains minus one)")
+                            f"set `sources: {clients}` in the method's config (the run's clients: the data set's "
+                            f"domains minus one, or all of them under protocol multidomain, times "
+                            f"federation.clients_per_domain)")
         return {"domain": torch.tensor([float(client)], device=self.backbone.device)}
 
     def loss(self, params: Tensors, batch: Split) -> torch.Tensor:

@@ -68,6 +68,10 @@ class FedOTP(Method):
             return {"global": shared["global"], "locals": locals_}
         return {"global": shared["global"], "local": locals_.mean(0)}
 
+    def personal_model(self, shared: Tensors, private: Tensors) -> Tensors:
+        """The client's own model, as it trains and as FedOTP's paper tests it: the global and its local prompt."""
+        return {"global": shared["global"], "local": private["local"]}
+
     def loss(self, params: Tensors, batch: Split) -> torch.Tensor:
         return F.cross_entropy(self.logits({"global": params["global"], "local": params["local"]}, batch),
                                batch.labels)

@@ -56,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     rc = cmds.add_parser("run-config", help="write the run config (TOML) of one run for `flwr run --run-config`")
     rc.add_argument("config", type=Path)
-    rc.add_argument("--target", required=True, help="the held-out domain")
+    rc.add_argument("--target", required=True, help="the held-out domain (\"all\" for a multidomain config)")
     rc.add_argument("--seed", type=int, help="default: the config's first seed")
     rc.add_argument("--method", help="a method label of the config (default: the first method)")
     rc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -23,11 +23,20 @@ from flwr.clientapp import ClientApp
 
 from trip.errors import TripError
 from trip.federation import secure
-from trip.federation.client import ClientUpdate, client_update
+from trip.federation.client import ClientUpdate, accuracy, client_update
 from trip.federation.flower import node, secagg
 from trip.federation.flower.dp import clipping_mod
 from trip.federation.flower.private_store import PrivateStore
-from trip.federation.flower.protocol import MODELS, RunSpec, accuracy_key, from_record, node_clients, to_record
+from trip.federation.flower.protocol import (
+    MODELS,
+    SHARED,
+    RunSpec,
+    accuracy_key,
+    from_record,
+    node_clients,
+    to_record,
+)
+from trip.federation.multidomain import personal_accuracy
 from trip.federation.rounds import Client, part_accuracies, round_seed
 from trip.federation.server import fedavg
 from trip.methods.base import Method, Split, Tensors
@@ -82,6 +91,21 @@ class Site:
         if k not in self.clients:
             raise TripError(f"this node serves the clients {self.clients} of {self.domain}; the message names {k}")
         return k
+
+    def in_domain_metrics(self, context: Context, msg: Message, models: dict[str, Tensors]) -> dict:
+        """multidomain: each deployed model's accuracy on the node's in-domain test split ("test-<model>"), and
+        the personalised models' of the clients it serves ("personal-<model>", in client order) where the method
+        has them. A client's private tensors are those after the round being evaluated."""
+        test, dev = self.ws.in_domain_tests()[self.domain], self.ws.backbone.device
+        r = int(msg.content["config"]["server-round"]) - 1
+        out: dict = {f"test-{m}": accuracy(self.method, p, test) for m, p in models.items()}
+        for m in models:
+            shared = from_record(msg.content[SHARED.format(m)], dev)
+            accs = [personal_accuracy(self.method, shared, self.private(context, k, r + 1), test)
+                    for k in self.clients]
+            if None not in accs:
+                out[f"personal-{m}"] = accs
+        return out
 
     def eval_splits(self) -> list[Split]:
         if self.domain == self.spec.target:
@@ -148,10 +172,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = Site.of(context)
     splits = site.eval_splits()
     dev = site.ws.backbone.device
-    acc = {name: [part_accuracies(site.method, params, split) for split in splits]
-           for name in MODELS if name in msg.content.array_records
-           for params in [from_record(msg.content[name], dev)]}
+    models = {name: from_record(msg.content[name], dev) for name in MODELS if name in msg.content.array_records}
+    acc = {name: [part_accuracies(site.method, params, split) for split in splits] for name, params in models.items()}
     parts = list(splits[0].parts())  # the same parts for every split of a run
+    in_domain = site.in_domain_metrics(context, msg, models) if site.spec.cfg.protocol == "multidomain" else {}
     metrics = MetricRecord({**{accuracy_key(m, p): [a[p] for a in per_split] for m, per_split in acc.items()
-                               for p in parts}, "num-examples": sum(map(len, splits))})
+                               for p in parts}, **in_domain, "num-examples": sum(map(len, splits))})
     return Message(RecordDict({"metrics": metrics, "parts": ConfigRecord({"names": parts})}), reply_to=msg)

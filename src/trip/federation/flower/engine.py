@@ -36,7 +36,8 @@ from trip.workspace import Workspace
 def flower_federation(ws: Workspace, out: Path) -> Iterator[FlowerRuns]:
     """A local federation for the experiment of `ws`, stopped on exit. Prepare `ws` first: the SuperNodes and
     ServerApps then load the frozen features from the cache instead of computing them at once."""
-    n = len(ws.dataset.domains) - 1
+    held_out = 0 if ws.cfg.protocol == "multidomain" else 1
+    n = len(ws.dataset.domains) - held_out  # a node per source domain of a run
     checkpoints = (out / "checkpoints").resolve()
     configs = [f'partition-id={i} num-partitions={n} {STATE_DIR}="{checkpoints}"' for i in range(n)]
     with LocalFederation(configs, out / "flower" / "logs") as fed:

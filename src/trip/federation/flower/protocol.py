@@ -13,7 +13,7 @@ import torch
 from flwr.app import Array, ArrayRecord, UserConfig
 from flwr.common.logger import LOGGER_NAME
 
-from trip.config import SEED_LIMIT, ExperimentCfg, method_label, parse_config
+from trip.config import ALL_DOMAINS, SEED_LIMIT, ExperimentCfg, method_label, parse_config
 from trip.data.datasets import get_dataset
 from trip.errors import TripError
 from trip.federation.partition import client_names
@@ -21,6 +21,7 @@ from trip.outputs import write_text
 
 APP_DIR = Path(__file__).parent / "app"  # the Flower App that `flwr run` bundles
 MODELS = ("server", "bma")  # names of the models a round evaluates (as the in-process engine)
+SHARED = "shared-{}"  # multidomain: the evaluate message's record of a model's global tensors (personalised models)
 
 
 def accuracy_key(model: str, part: str) -> str:
@@ -77,7 +78,10 @@ class RunSpec:
 
     def check(self) -> None:
         domains = get_dataset(self.cfg.data.name).domains
-        if self.target not in domains:
+        if self.cfg.protocol == "multidomain" and self.target != ALL_DOMAINS:
+            raise TripError(f"run config: a multidomain run holds no domain out; its target is {ALL_DOMAINS!r}, "
+                            f"got {self.target!r}")
+        if self.cfg.protocol != "multidomain" and self.target not in domains:
             raise TripError(f"run config: target {self.target!r} is not a domain of {self.cfg.data.name} "
                             f"({', '.join(domains)})")
         labels = [method_label(m) for m in self.cfg.methods]

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from trip.checkpoint import RunCheckpoints
 from trip.errors import TripError
-from trip.federation import secure
+from trip.federation import multidomain, secure
 from trip.federation.flower import node
 from trip.federation.flower.protocol import RunSpec, accuracy_key, from_record, quiet_root_logger, to_record
 from trip.federation.flower.strategy import Peer, TripStrategy
@@ -66,9 +66,10 @@ def main(grid: Grid, context: Context) -> None:
                              for part, acc in part_accuracies(method, params, target_split).items()})
 
     rounds = spec.cfg.train.rounds if method.trainable else 0
+    in_domain = spec.cfg.protocol == "multidomain"  # the nodes test their own domains; nothing is held out
     strategy.start(grid, to_record(method.init_params(spec.seed)), num_rounds=rounds, timeout=spec.round_timeout,
-                   evaluate_fn=evaluate_target)
-    chosen = select_round(strategy.history, selection_model(method))
+                   evaluate_fn=None if in_domain else evaluate_target)
+    chosen = (multidomain.select if in_domain else select_round)(strategy.history, selection_model(method))
     log(INFO, "selected round %d: target accuracy %.2f", chosen["selected_round"], chosen["acc"])
     if out:
         _write_result(out, strategy, chosen, time.perf_counter() - start)

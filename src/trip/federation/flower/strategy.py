@@ -29,9 +29,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from trip.errors import TripError
+from trip.federation import multidomain
 from trip.federation.flower.dp import dp_train_step
 from trip.federation.flower.polling import Backoff
-from trip.federation.flower.protocol import RunSpec, accuracy_key, from_record, to_record
+from trip.federation.flower.protocol import SHARED, RunSpec, accuracy_key, from_record, to_record
 from trip.federation.flower.secagg import SecureSum, secure_sum
 from trip.federation.privacy import round_privacy
 from trip.federation.rounds import (
@@ -201,7 +202,9 @@ class TripStrategy(Strategy):
         records = self._model_records()
         messages = self.configure_evaluate(server_round, records["server"], config or ConfigRecord(), grid)
         self.aggregate_evaluate(server_round, self.exchange(grid, messages, timeout))
-        val, target, parts = self.round_state.pop("eval")
+        val, target, parts, in_domain = self.round_state.pop("eval")
+        if in_domain is not None:  # multidomain: the nodes tested their own domains
+            return in_domain
         if self.target_peer is None and evaluate_fn is not None:
             for name, record in records.items():
                 res = evaluate_fn(server_round, record)
@@ -290,8 +293,11 @@ class TripStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """`arrays`: the deployed server model; the BMA one (if any) goes with it."""
-        content = RecordDict({**self._model_records(), "server": arrays,
+        """`arrays`: the deployed server model; the BMA one (if any) goes with it, and under multidomain the
+        global tensors of each (the nodes build their clients' personalised models from them)."""
+        shared = {SHARED.format(m): to_record(p) for m, p in self.server.shared().items()} \
+            if self.spec.cfg.protocol == "multidomain" else {}
+        content = RecordDict({**self._model_records(), **shared, "server": arrays,
                               "config": ConfigRecord({**config, "server-round": server_round})})
         peers = self._online(grid, [*self.sources, *([self.target_peer] if self.target_peer else [])])
         return [self._message(content, p, MessageType.EVALUATE, server_round) for p in peers]
@@ -299,6 +305,8 @@ class TripStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         acc: dict[str, dict[str, dict[str, float]]] = {}  # client (or the held-out domain) -> model -> part -> accuracy
         parts = [""]
+        tests: dict[str, dict[str, float]] = {}  # multidomain: model -> domain -> in-domain test accuracy
+        personal: dict[str, dict[str, float]] = {}  # multidomain: model -> client -> its personalised model's
         for msg in replies:
             node_id, _ = self._sent.get(msg.metadata.reply_to_message_id, (msg.metadata.src_node_id, None))
             if msg.has_error() or "metrics" not in msg.content.metric_records:
@@ -314,13 +322,21 @@ class TripStrategy(Strategy):
                 for p in parts:
                     for name, a in zip(names, metrics.get(accuracy_key(m, p), [math.nan] * len(names)), strict=True):
                         acc.setdefault(name, {}).setdefault(m, {})[p] = float(a)
+                if f"test-{m}" in metrics:
+                    tests.setdefault(m, {})[domain] = float(metrics[f"test-{m}"])
+                personal.setdefault(m, {}).update(zip(names, map(float, metrics.get(f"personal-{m}", []))))
         val_clients = [c for c in self.clients if c in acc]
         if not val_clients:
             raise TripError(f"round {server_round - 1}: no source node returned its validation accuracy")
         val = {m: {c: acc[c][m] for c in val_clients} for m in self.models}
         target = dict(acc.get(self.spec.target, {}))
-        self.round_state["eval"] = (val, target, parts)
-        ev = eval_record(val, target)
+        in_domain = multidomain.eval_record(
+            {m: {c: a[""] for c, a in v.items()} for m, v in val.items()},
+            {m: {d: tests.get(m, {}).get(d, math.nan) for d in self.spec.sources} for m in self.models},
+            {m: {c: personal[m][c] for c in val_clients if c in personal.get(m, {})} for m in self.models},
+        ) if self.spec.cfg.protocol == "multidomain" else None
+        self.round_state["eval"] = (val, target, parts, in_domain)
+        ev = in_domain or eval_record(val, target)
         return MetricRecord({f"val-mean-{m}": ev[m]["val_mean"] for m in ev})
 
     # --- helpers ----------------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ def main(grid: Grid, context: Context) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "rounds.jsonl").write_text("".join(strict_json(r) + "\n" for r in strategy.history))
 
-    target_split = ws.target(spec.target) if not target_peer else None
+    in_domain = spec.cfg.protocol == "multidomain"  # the nodes test their own domains; nothing is held out
+    target_split = ws.target(spec.target) if not (target_peer or in_domain) else None
 
     def evaluate_target(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         params = from_record(arrays, ws.backbone.device)
@@ -66,7 +67,6 @@ def main(grid: Grid, context: Context) -> None:
                              for part, acc in part_accuracies(method, params, target_split).items()})
 
     rounds = spec.cfg.train.rounds if method.trainable else 0
-    in_domain = spec.cfg.protocol == "multidomain"  # the nodes test their own domains; nothing is held out
     strategy.start(grid, to_record(method.init_params(spec.seed)), num_rounds=rounds, timeout=spec.round_timeout,
                    evaluate_fn=None if in_domain else evaluate_target)
     chosen = (multidomain.select if in_domain else select_round)(strategy.history, selection_model(method))

@@ -191,7 +191,7 @@ def test_client_side_clipping_clips_real_updates_and_an_infinite_norm_leaves_the
 def server_side_step(clipping_norm: float, workspace, init: dict) -> TripStrategy:
     spec = RunSpec(parse_config(with_dp(mode="server", clipping_norm=clipping_norm, noise_multiplier=0.0)), SEED,
                    "trip", TARGET)
-    strategy = TripStrategy(workspace.methods[0], spec, [Peer(10 + i, d) for i, d in enumerate(spec.sources)],
+    strategy = TripStrategy(workspace.methods[0], spec, [Peer(10 + i, d, (0,)) for i, d in enumerate(spec.sources)],
                             None, on_round=lambda _: None)
     assert isinstance(strategy.train_step, ServerSideClipping) and strategy.train_step.num_sampled_clients == 3
     strategy.server.params = init

@@ -120,7 +120,8 @@ def secure_round(cfg, workspace) -> tuple[TripStrategy, LoopbackGrid]:
     spec = RunSpec(cfg, SEED, cfg.methods[0].label or cfg.methods[0].name, TARGET, round_timeout=60.0)
     method = workspace.methods[0]
     grid = LoopbackGrid(spec)
-    strategy = TripStrategy(method, spec, [Peer(10 + i, d) for i, d in enumerate(spec.sources)], None,
+    strategy = TripStrategy(method, spec, [Peer(10 + i, d, tuple(range(cfg.federation.clients_per_domain)))
+                                              for i, d in enumerate(spec.sources)], None,
                             on_round=lambda _: None)
     strategy.start(grid, to_record(method.init_params(SEED)), num_rounds=1, timeout=60.0)
     return strategy, grid

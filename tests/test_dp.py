@@ -16,6 +16,8 @@ import torch
 from dp_accounting.rdp import RdpAccountant
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from test_flower import CONFIG as FLOWER_CONFIG  # tests/ is on sys.path
+from test_flower import PARTITIONS, SEED, TARGET
 
 from trip.config import load_config, parse_config
 from trip.errors import TripError
@@ -32,15 +34,7 @@ from trip.federation.rounds import select_round
 from trip.federation.server import fedavg
 from trip.results import privacy_lines
 
-SEED, TARGET = 3, "photo"
-CONFIG = {
-    "name": "dp-test", "seeds": [SEED], "device": "cpu",
-    "backbone": {"name": "tiny", "pretrained": None},
-    "data": {"name": "synthetic", "images_per_class": 4, "targets": [TARGET]},
-    "train": {"rounds": 2, "batch_size": 8, "lr": 0.002},
-    "methods": [{"name": "trip", "num_experts": 2, "n_ctx": 2, "kmeans_iters": 5}],
-}
-PARTITIONS = [f"partition-id={i} num-partitions=3" for i in range(3)]
+CONFIG = {**FLOWER_CONFIG, "name": "dp-test"}  # the Flower tests' tiny TRIP federation
 
 
 def with_dp(**dp) -> dict:

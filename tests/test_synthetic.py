@@ -171,3 +171,41 @@ def test_classes_transfer_across_domains(samples: dict[str, tuple[np.ndarray, np
         acc[test] = (pred == yte).mean()
     assert acc["sketch"] > 2 * CHANCE and acc["cartoon"] > 2 * CHANCE, acc
     assert min(acc.values()) > 1.2 * CHANCE, acc
+
+
+def _style_spread(shift: float) -> float:
+    """How far the four styles' mean images lie apart (mean pairwise L2 of per-domain mean pixel statistics)."""
+    stats = []
+    for di, d in enumerate(DOMAINS):
+        rng = np.random.default_rng([7, di])
+        x = np.stack([np.asarray(render(CLASSES[i % len(CLASSES)], d, rng, shift=shift), np.float32) / 255
+                      for i in range(12)])
+        stats.append(_style_features(x).mean(0))
+    return float(np.mean([np.linalg.norm(a - b) for a, b in itertools.combinations(stats, 2)]))
+
+
+def test_shift_moves_the_styles_apart_and_zero_draws_every_domain_alike() -> None:
+    rng = lambda d: np.random.default_rng([3, DOMAINS.index(d)])  # noqa: E731
+    plain = {d: np.asarray(render("star", d, rng(d), shift=0.0)) for d in DOMAINS}
+    same_object = [np.asarray(render("star", d, np.random.default_rng([3, 0]), shift=0.0)) for d in DOMAINS]
+    assert all(np.array_equal(same_object[0], x) for x in same_object)  # the style leaves no trace at 0
+    assert len({x.tobytes() for x in plain.values()}) == len(DOMAINS)  # different objects, one style
+    spreads = [_style_spread(s) for s in (0.0, 0.5, 1.0)]
+    assert spreads[0] < 0.2 * spreads[1] and spreads[1] < spreads[2], spreads  # at 0: sampling noise only
+    full = np.asarray(render("star", "sketch", np.random.default_rng([5]), shift=1.0))
+    assert np.array_equal(full, np.asarray(render("star", "sketch", np.random.default_rng([5]))))
+
+
+def test_the_shift_names_the_folder_and_the_manifest(tmp_path: Path) -> None:
+    full = write_domains(tmp_path, images_per_class=2, seed=0)
+    half = write_domains(tmp_path, images_per_class=2, seed=0, shift=0.5)
+    assert full != half and half.name.endswith("-shift0.5") and "shift" not in full.name
+    assert json.loads((half / "manifest.json").read_text())["shift"] == 0.5
+    assert _tree(full) != _tree(half)
+
+
+def test_a_corpus_of_some_styles_holds_only_those() -> None:
+    _, captions, labels = caption_corpus(24, seed=0, size=16, styles=("photo", "painting"))
+    assert list(labels) == [i % len(CLASSES) for i in range(24)]
+    assert not any("sketch" in c or "cartoon" in c for c in captions)
+    assert any("painting" in c for c in captions) and any("photo" in c for c in captions)

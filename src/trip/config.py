@@ -28,6 +28,30 @@ class BackboneCfg(_Strict):
     # pretrained on the synthetic caption corpus, cached), or null for random weights.
     pretrained: str | None = "openai"
     quick_gelu: bool | None = None  # None: on for OpenAI weights (the "openai" tag or a local file)
+    # tiny with pretrained "synthetic" only: the synthetic styles its pretraining corpus holds (None: all four), so
+    # that a held-out style can be one the backbone never saw (pretrained once per choice, then cached)
+    pretrain_styles: list[str] | None = None
+
+    @field_validator("pretrain_styles")
+    @classmethod
+    def _styles_known_and_distinct(cls, styles: list[str] | None) -> list[str] | None:
+        if styles is None:
+            return None
+        from trip.data.synthetic import DOMAINS  # the synthetic styles (a light module: numpy and Pillow)
+
+        unknown = [s for s in styles if s not in DOMAINS]
+        if unknown or not styles:
+            raise ValueError(f"pretrain_styles {styles}: name one or more of the synthetic styles "
+                             f"{', '.join(DOMAINS)}")
+        _refuse_repeats(styles, "pretrain style", "a style is in the corpus or not")
+        return [s for s in DOMAINS if s in styles]  # canonical order: one cache entry per set of styles
+
+    @model_validator(mode="after")
+    def _styles_only_for_the_synthetic_tiny_clip(self) -> BackboneCfg:
+        if self.pretrain_styles is not None and (self.name, self.pretrained) != ("tiny", "synthetic"):
+            raise ValueError("pretrain_styles chooses the corpus of the tiny CLIP's synthetic pretraining: it needs "
+                             "backbone name tiny and pretrained synthetic (remove it for other backbones)")
+        return self
 
 
 class DataCfg(_Strict):
@@ -39,6 +63,8 @@ class DataCfg(_Strict):
     # every seed); with domainnet_splits: official, DomainNet's <domain>_test.txt is the test split instead
     test_fraction: float = Field(0.2, gt=0, lt=1)
     images_per_class: int = Field(40, ge=2)  # synthetic only
+    # synthetic only: how far the styles diverge, 0 (every domain drawn alike) to 1 (each in its full style)
+    shift: float = Field(1.0, ge=0, le=1)
     shots_per_class: int | None = Field(None, ge=1)  # few-shot: k train images per class per client; None: all
     max_images_per_domain: int | None = Field(None, ge=4)  # subsample (seeded) for smoke tests
     skip_bad_images: bool = False  # True: leave unreadable images out (counted in results.json); False: refuse
@@ -53,6 +79,13 @@ class DataCfg(_Strict):
                 raise ValueError("no held-out domain listed: name at least one, or write `targets: all`")
             _refuse_repeats(targets, "held-out domain", "a repeated target is the same run again")
         return targets
+
+    @model_validator(mode="after")
+    def _shift_only_for_synthetic(self) -> DataCfg:
+        if self.shift != 1 and self.name != "synthetic":
+            raise ValueError(f"data.shift {self.shift} draws the synthetic styles closer together; {self.name} is "
+                             f"a real data set whose shift is what it is: remove data.shift")
+        return self
 
 
 class TrainCfg(_Strict):

@@ -106,7 +106,7 @@ def _scan(cfg: ExperimentCfg, spec: DatasetSpec) -> tuple[DatasetSpec, str, dict
         domains = {d: subsample(Domain(d, Path(), [""] * len(labels), labels), cfg.data.max_images_per_domain, 0)
                    for d in spec.domains}
         return spec, "generated on the first run", domains, []
-    root = dataset_root(spec, cfg.data.root, cfg.data.images_per_class, seed=0)
+    root = dataset_root(spec, cfg.data.root, cfg.data.images_per_class, seed=0, shift=cfg.data.shift)
     spec, domains = scan_domains(spec, root, cfg.data)
     warnings = []
     if spec.counts_exact and cfg.data.max_images_per_domain is None:

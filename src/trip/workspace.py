@@ -158,7 +158,7 @@ def prepare(cfg: ExperimentCfg, only: list[str] | None = None) -> Workspace:
     spec = get_dataset(cfg.data.name)
     targets_of(cfg, spec)
     names = [d for d in spec.domains if only is None or d in only]
-    root = dataset_root(spec, cfg.data.root, cfg.data.images_per_class, seed=0) if names else None
+    root = dataset_root(spec, cfg.data.root, cfg.data.images_per_class, seed=0, shift=cfg.data.shift) if names else None
     data = load_domains(spec, root, cfg.data, names)  # refuses unreadable images unless data.skip_bad_images
     spec, domains = data.spec, data.domains
     tests = in_domain_tests(cfg, domains)

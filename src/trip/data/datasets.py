@@ -81,13 +81,13 @@ def get_dataset(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-def dataset_root(spec: DatasetSpec, root: str | None, images_per_class: int, seed: int) -> Path:
+def dataset_root(spec: DatasetSpec, root: str | None, images_per_class: int, seed: int, shift: float = 1.0) -> Path:
     """The folder holding `<domain>/<class>/<image>` for this data set. The synthetic set is written on
     first use, under `root` (or the cache) in a folder named by its settings (`synthetic.folder_name`); real
     ones are looked up under `root` (or $TRIP_DATA) by any of their folder names."""
     if spec.name == "synthetic":
         base = Path(root) if root else cache_dir() / "data"
-        return synthetic.write_domains(base, images_per_class=images_per_class, seed=seed)
+        return synthetic.write_domains(base, images_per_class=images_per_class, seed=seed, shift=shift)
     base_str = root or os.environ.get("TRIP_DATA")
     if not base_str:
         raise TripError(f"no data root for {spec.name}: pass --data-root DIR, set data.root, or set TRIP_DATA")

@@ -173,10 +173,18 @@ def _painting(pts: np.ndarray, n: int, rng: np.random.Generator, col: Colour) ->
     return Image.fromarray(np.uint8(np.clip(out, 0, 1) * 255))
 
 
+def _plain(pts: np.ndarray, n: int, col: Colour) -> Image.Image:
+    """The style-free drawing every domain shares at `shift` 0: the object's colour on a mid-grey ground."""
+    img = Image.new("RGB", (n, n), (128, 128, 128))
+    ImageDraw.Draw(img).polygon([tuple(p) for p in pts], fill=tuple(int(x) for x in np.uint8(col * 255)))
+    return img
+
+
 _STYLES = {"photo": _photo, "cartoon": _cartoon, "sketch": _sketch, "painting": _painting}
 
 
-def _render(class_name: str, domain: str, rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
+def _render(class_name: str, domain: str, rng: np.random.Generator, size: int,
+            shift: float = 1.0) -> tuple[Image.Image, str]:
     if domain not in _STYLES or class_name not in _OUTLINES:
         raise ValueError(f"unknown domain/class {domain!r}/{class_name!r}")
     n = size * _SS
@@ -188,34 +196,39 @@ def _render(class_name: str, domain: str, rng: np.random.Generator, size: int) -
     centre = rng.uniform(r + 0.04 * n, n - r - 0.04 * n, 2)
     pts = _OUTLINES[class_name] @ rot.T * r + centre
     img = _STYLES[domain](pts, n, rng, col)
+    if shift < 1:  # the same object blended towards the drawing every domain shares
+        img = Image.blend(_plain(pts, n, col), img, shift)
     return img.resize((size, size), Image.Resampling.LANCZOS), colour_name
 
 
-def render(class_name: str, domain: str, rng: np.random.Generator, size: int = 32) -> Image.Image:
-    """Render one RGB ``size`` x ``size`` image of ``class_name`` in the style ``domain``."""
-    return _render(class_name, domain, rng, size)[0]
+def render(class_name: str, domain: str, rng: np.random.Generator, size: int = 32, shift: float = 1.0) -> Image.Image:
+    """Render one RGB ``size`` x ``size`` image of ``class_name`` in the style ``domain``, its pixels a blend of
+    the style (weight ``shift``) and a style-free drawing of the same object (``1 - shift``): at 0 every domain
+    is drawn alike, at 1 in its full style."""
+    return _render(class_name, domain, rng, size, shift)[0]
 
 
-def folder_name(images_per_class: int, seed: int, size: int = 32) -> str:
+def folder_name(images_per_class: int, seed: int, size: int = 32, shift: float = 1.0) -> str:
     """The set's folder is named by everything that decides its images."""
-    return f"synthetic-v{GENERATOR_VERSION}-n{images_per_class}-seed{seed}-{size}px"
+    name = f"synthetic-v{GENERATOR_VERSION}-n{images_per_class}-seed{seed}-{size}px"
+    return name if shift == 1 else f"{name}-shift{shift:g}"
 
 
-def write_domains(root: Path, images_per_class: int, seed: int, size: int = 32) -> Path:
+def write_domains(root: Path, images_per_class: int, seed: int, size: int = 32, shift: float = 1.0) -> Path:
     """Write ``<root>/<folder_name>/<domain>/<class>/<domain>_<class>_<i:04d>.png`` and return that folder.
 
     A folder that exists is complete: the set is drawn into a temporary folder beside it and renamed into
     place, so concurrent runs never see half a set, and the loser of a race uses the winner's folder."""
     root = Path(root)
-    out = root / folder_name(images_per_class, seed, size)
-    manifest = {"generator_version": GENERATOR_VERSION, "seed": seed, "size": size,
+    out = root / folder_name(images_per_class, seed, size, shift)
+    manifest = {"generator_version": GENERATOR_VERSION, "seed": seed, "size": size, "shift": shift,
                 "images_per_class": images_per_class, "classes": list(CLASSES), "domains": list(DOMAINS)}
     if _manifest(out) == manifest:
         return out
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
-        _draw_domains(tmp, images_per_class, seed, size)
+        _draw_domains(tmp, images_per_class, seed, size, shift)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if out.exists() and _manifest(out) != manifest:  # not made by this function: edited or cut short by hand
             shutil.rmtree(out)
@@ -236,14 +249,14 @@ def _manifest(folder: Path) -> dict | None:
         return None
 
 
-def _draw_domains(out: Path, images_per_class: int, seed: int, size: int) -> None:
+def _draw_domains(out: Path, images_per_class: int, seed: int, size: int, shift: float) -> None:
     for di, domain in enumerate(DOMAINS):
         for ci, cls in enumerate(CLASSES):
             rng = np.random.default_rng([seed, di, ci])
             folder = out / domain / cls
             folder.mkdir(parents=True)
             for i in range(images_per_class):
-                render(cls, domain, rng, size).save(folder / f"{domain}_{cls}_{i:04d}.png")
+                render(cls, domain, rng, size, shift).save(folder / f"{domain}_{cls}_{i:04d}.png")
 
 
 _TEMPLATES = {  # colour is named rarely: it is easy to learn and would crowd out the shapes
@@ -272,15 +285,17 @@ def _caption(rng: np.random.Generator, cls: str, domain: str, colour: str) -> st
     return caption
 
 
-def caption_corpus(num_images: int, seed: int, size: int = 32) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Pretraining corpus (seed stream disjoint from ``write_domains``): images, captions, class labels."""
+def caption_corpus(num_images: int, seed: int, size: int = 32,
+                   styles: tuple[str, ...] = DOMAINS) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Pretraining corpus of ``styles`` (seed stream disjoint from ``write_domains``): images, captions, class
+    labels, cycling through the classes and, block by block, the styles."""
     images = np.empty((num_images, size, size, 3), np.uint8)
     labels = np.empty(num_images, np.int64)
     captions: list[str] = []
     for i in range(num_images):
-        ci, di = i % len(CLASSES), (i // len(CLASSES)) % len(DOMAINS)
+        ci, style = i % len(CLASSES), styles[(i // len(CLASSES)) % len(styles)]
         rng = np.random.default_rng([seed, 10_000 + i])
-        img, colour = _render(CLASSES[ci], DOMAINS[di], rng, size)
+        img, colour = _render(CLASSES[ci], style, rng, size)
         images[i], labels[i] = np.asarray(img), ci
-        captions.append(_caption(rng, CLASSES[ci], DOMAINS[di], colour))
+        captions.append(_caption(rng, CLASSES[ci], style, colour))
     return images, captions, labels

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from trip.shared_cores import share_the_cores
+
 TARGET, SEED = "photo", 0
 ENGINES = ("inprocess", "flower", "flower-sim")
 
@@ -71,7 +73,7 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--json", type=Path, default=Path("engine_rounds.json"))
     args = parser.parse_args()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see above)
+    share_the_cores()  # before torch is imported (see above)
     from trip.config import parse_config
     from trip.experiment import prepare
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,20 @@ def test_an_image_over_pils_pixel_limit_is_refused_by_viz_routing(tmp_path, caps
     _refused(capsys, ["viz", "routing", str(tmp_path / "big.png"), "--config", str(config), "--out",
                       str(tmp_path / "maps")], "big.png is too large to open safely", "scale it down")
     assert not (tmp_path / "maps").exists()
+
+
+def test_a_tiny_backbone_without_weights_named_gets_one_message_in_a_dry_run_and_a_run(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"name": "t", "backbone": {"name": "tiny"}, "methods": [{"name": "promptfl"}]}))
+    fix = ("backbone.pretrained 'openai': the tiny CLIP has no open_clip weights", "`pretrained: synthetic`")
+    dry = _refused(capsys, _dry(config), *fix)
+    ran = _refused(capsys, ["run", str(config), "--out", str(tmp_path / "run")], *fix)
+    assert dry == ran and not (tmp_path / "run").exists()
+
+
+def test_set_takes_several_pairs_at_once_and_again(capsys):
+    argv = ["run", str(DEMO), "--dry-run", "--set", "train.rounds=4", "seeds=[0,5]", "--set", "data.images_per_class=3"]
+    assert main(argv) == 0
+    plan = capsys.readouterr().out
+    assert "2 seed(s) [0, 5]" in plan and "; 4 rounds × " in plan
+    assert re.search(r"\n  photo +18 ", plan), plan

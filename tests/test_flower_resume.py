@@ -25,14 +25,19 @@ CONFIG = {"name": "flower-resume", "seeds": [2], "device": "cpu", "backbone": {"
           "train": {"rounds": 3, "batch_size": 8, "lr": 0.002},
           "methods": [{"name": "contract-test"}, {"name": "trip", "num_experts": 2, "n_ctx": 2, "kmeans_iters": 5}]}
 KEYS = {"contract-test": "contract-test__photo__seed2", "trip": "trip__photo__seed2"}
-ENV = {**os.environ, "TRIP_PLUGINS": "contract_method",
-       "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+
+
+def _env() -> dict[str, str]:
+    """Read when a test runs, not at import: by then tests/conftest.py has pointed TRIP_CACHE at the suite's own
+    cache (an environment copied at import would send the runs to the user's)."""
+    return {**os.environ, "TRIP_PLUGINS": "contract_method",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
 
 
 def _run(config: Path, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "trip.cli", "run", str(config), "--engine", "flower", "--out",
-                             str(out), *extra], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                             str(out), *extra], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
 
 
 def _finish(proc: subprocess.Popen) -> None:

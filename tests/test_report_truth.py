@@ -138,3 +138,19 @@ def test_damaged_run_folders_and_bad_outputs_are_refused(complete, tmp_path, cap
     _refused(capsys, ["report", str(complete), "--out", str(tmp_path / "file" / "r.md")], "is a file, not a folder")
     _refused(capsys, ["report", str(complete), "--out", "/proc/trip-test/r.md"], "cannot write there")
     assert not (tmp_path / "r.md").exists()
+
+
+def test_by_default_the_report_lands_beside_the_first_run_folder(complete, tmp_path, monkeypatch, capsys):
+    before = _snapshot(complete)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["report", str(complete), "--html"]) == 0
+    written = [complete.parent / "complete-report.md", complete.parent / "complete-report.html"]
+    assert capsys.readouterr().out.split() == [str(p) for p in written]
+    assert all(p.is_file() for p in written)
+    assert list(elsewhere.iterdir()) == [] and _snapshot(complete) == before
+    monkeypatch.chdir(complete)
+    assert main(["report", "."]) == 0
+    assert capsys.readouterr().out.split() == [str(complete.parent / "complete-report.md")]
+    assert _snapshot(complete) == before

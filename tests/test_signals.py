@@ -1,7 +1,7 @@
 """Signals end everything trip started (issue 12): SIGTERM through the process group, as a shell sends it, stops
 `trip run --engine flower` with its SuperLink, SuperNodes and workers and removes their FLWR_HOME; if trip is
 SIGKILLed, the kernel kills them. Every process of a test's trip carries a marker in its environment, so
-/proc tells which of them are alive."""
+/proc tells which of them are alive. A SIGKILLed trip's FLWR_HOME is removed by the next federation."""
 
 import json
 import os
@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 from trip.cli import main
+from trip.federation.flower.home import make_home, remove_home, remove_orphaned_homes
+from trip.federation.flower.local import LocalFederation
 from trip.run_lock import LOCK_FILE
 
 CONFIG = {
@@ -115,7 +117,25 @@ def test_sigkill_of_trip_takes_every_flower_process_with_it(tmp_path):
         for pid in marked(marker):  # only if the check failed: leave nothing behind
             os.kill(pid, signal.SIGKILL)
     assert rounds_of(out) and not (out / "results.json").exists()
-    subprocess.run(["rm", "-rf", str(home)], check=True)  # nobody was left to remove it
+    assert home.is_dir()  # nobody was left to remove it: the next federation does
+    LocalFederation([], tmp_path / "logs").stop()
+    assert not home.exists()
+
+
+def test_a_flwr_home_is_removed_once_its_trip_is_gone_and_never_before(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "from trip.federation.flower.home import make_home\n"
+                             "print(make_home()[0], flush=True)\nimport time\ntime.sleep(600)"],
+                            stdout=subprocess.PIPE, text=True)
+    dead_home = Path(dead.stdout.readline().strip())
+    dead.kill()
+    dead.wait()
+    live_home, fd = make_home()
+    try:
+        remove_orphaned_homes()
+        assert live_home.is_dir() and not dead_home.exists()
+    finally:
+        remove_home(live_home, fd)
+    assert not live_home.exists()
 
 
 def test_a_spawned_process_dies_with_the_process_that_spawned_it(tmp_path):

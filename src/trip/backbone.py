@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from trip.config import BackboneCfg
+from trip.config import BackboneCfg, names_a_weights_file
 from trip.errors import TripError
 from trip.paths import cache_dir
 from trip.pretrain import pretrained_tiny_clip
@@ -120,8 +120,7 @@ def _tiny(cfg: BackboneCfg) -> tuple[open_clip.model.CLIP, str]:
         return pretrained_tiny_clip()
     path = Path(cfg.pretrained).expanduser()
     if not path.is_file():
-        raise TripError(f"backbone.pretrained for 'tiny' must be 'synthetic', null or a weights file; "
-                        f"{cfg.pretrained!r} is none of these")
+        raise TripError(f"backbone.pretrained: no weights file at {path}; see docs/reproduce.md")
     model = new_tiny_clip()
     load_weights(model, path, "tiny")
     return model, f"tiny:{_file_digest(path)}"
@@ -134,7 +133,7 @@ def _named(cfg: BackboneCfg) -> tuple[open_clip.model.CLIP, str]:
     if cfg.pretrained is None:
         return _random(cfg.name, bool(cfg.quick_gelu)), f"{cfg.name}:random"
     local = Path(cfg.pretrained).expanduser()
-    looks_like_path = local.suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in cfg.pretrained
+    looks_like_path = names_a_weights_file(cfg.pretrained)
     quick = cfg.quick_gelu if cfg.quick_gelu is not None else (cfg.pretrained == "openai" or looks_like_path)
     if looks_like_path:
         if not local.is_file():

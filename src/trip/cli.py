@@ -15,6 +15,7 @@ from trip.config import load_config
 from trip.data.tools import add_data_command
 from trip.errors import TripError
 from trip.federation.flower.cli import add_parser as add_flower_command
+from trip.shared_cores import share_the_cores
 
 QUICK = ["train.rounds=2", "data.images_per_class=12"]
 TINY_NOTE = ("Note: a tiny CLIP pretrained for about a minute on synthetic shapes. These numbers show the "
@@ -36,6 +37,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def main(argv: list[str] | None = None) -> int:
+    share_the_cores()  # before any command imports torch (this module does not)
     args = _parser().parse_args(argv)
     previous = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS} if _main_thread() else {}
     try:
@@ -82,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the experiment a YAML config describes")
     run.add_argument("config", type=Path)
     run.add_argument("--out", type=Path, help="run folder (default runs/<config name>-<time>)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set train.rounds=3 (repeatable)")
+    run.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                     help="override config keys, e.g. --set train.rounds=3 seeds=[0] (or --set again)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out: finished entries are kept, an interrupted one resumes "
                           "from its last checkpoint (re-running into the same folder does the same)")
@@ -116,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="one Markdown report putting run folders side by side")
     report.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    report.add_argument("--out", type=Path, default=Path("report.md"))
+    report.add_argument("--out", type=Path, help="the Markdown file (default: <first RUN_DIR>-report.md beside it)")
     report.add_argument("--html", action="store_true", help="also write a self-contained HTML page beside it")
     report.set_defaults(func=_report)
 
@@ -198,9 +200,9 @@ def _viz(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from trip.report import write_report
+    from trip.report import default_out, write_report
 
-    for path in write_report(args.run_dirs, args.out, html_page=args.html):
+    for path in write_report(args.run_dirs, args.out or default_out(args.run_dirs), html_page=args.html):
         print(path)
     return 0
 

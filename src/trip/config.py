@@ -18,6 +18,14 @@ SEED_LIMIT = 2**32  # numpy's RandomState takes seeds 0 .. 2**32 - 1
 ALL_DOMAINS = "all"  # the `target` of a multidomain run (results.json, rounds.jsonl, checkpoints): no domain held out
 
 
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def names_a_weights_file(pretrained: str) -> bool:
+    """backbone.pretrained is a file's path rather than an open_clip tag such as 'openai'."""
+    return Path(pretrained).suffix in WEIGHT_SUFFIXES or "/" in pretrained
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +59,16 @@ class BackboneCfg(_Strict):
         if self.pretrain_styles is not None and (self.name, self.pretrained) != ("tiny", "synthetic"):
             raise ValueError("pretrain_styles chooses the corpus of the tiny CLIP's synthetic pretraining: it needs "
                              "backbone name tiny and pretrained synthetic (remove it for other backbones)")
+        return self
+
+    @model_validator(mode="after")
+    def _tiny_weights_of_a_kind_it_has(self) -> BackboneCfg:
+        tag = self.pretrained
+        if self.name == "tiny" and tag not in (None, "synthetic") and not names_a_weights_file(tag):
+            raise ValueError(f"backbone.pretrained {tag!r}: the tiny CLIP has no open_clip weights (pretrained is "
+                             f"'openai' unless set): write `pretrained: synthetic` (the demo's tiny CLIP, "
+                             f"pretrained on synthetic captions), `pretrained: null` (random weights) or the path "
+                             f"of a weights file")
         return self
 
 

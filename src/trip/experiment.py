@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from trip import expert_usage, multidomain_results, results
 from trip.checkpoint import RunCheckpoints, run_key
@@ -21,6 +20,7 @@ from trip.federation.inprocess import FederationResult, RoundLogger, run_federat
 from trip.federation.partition import client_names
 from trip.federation.rounds import select_round, selection_model
 from trip.methods.base import Method
+from trip.progress import progress
 from trip.run_lock import LOCK_FILE, run_folder_lock
 from trip.workspace import Workspace, prepare, targets_of
 
@@ -215,7 +215,7 @@ def _run_one(ws: Workspace, out: Path, method: Method, target: str, seed: int, r
     sources = [d for d in ws.dataset.domains if d != target]
     total = cfg.train.rounds if method.trainable else 1
     tested = "in-domain" if target == ALL_DOMAINS else f"held out {target:<10}"
-    bar = tqdm(total=total, desc=f"{method.label:>12} | {tested} | seed {seed}", leave=False)
+    bar = progress(total=total, desc=f"{method.label:>12} | {tested} | seed {seed}", unit="rounds")
     key = {"method": method.label, "target": target, "seed": seed}
 
     def log(record: dict) -> None:
@@ -226,10 +226,10 @@ def _run_one(ws: Workspace, out: Path, method: Method, target: str, seed: int, r
         bar.update()
 
     start = time.perf_counter()
-    if method.trainable:
-        _log_checkpointed_rounds(out, key, log)
-    result = federate(method, target, seed, log)
-    bar.close()
+    with bar:
+        if method.trainable:
+            _log_checkpointed_rounds(out, key, log)
+        result = federate(method, target, seed, log)
     select = multidomain.select if cfg.protocol == "multidomain" else select_round
     chosen = select(result.history, selection_model(method))
     return {**key, **chosen, "comm_params_per_round": method.comm_params,

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from trip import routing, safefile
 from trip.backbone import Backbone, load_image
 from trip.data.folder import Domain
 from trip.errors import TripError
 from trip.patchcache import PatchFile, RawWriter
+from trip.progress import progress
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class FrozenStore:
         raw = RawWriter(patch_path, meta) if patch_path is not None else contextlib.nullcontext()
         start = 0
         with raw:
-            for pixels in tqdm(loader, desc=f"frozen features {domain.name}", leave=False):
+            for pixels in progress(loader, desc=f"frozen features {domain.name}", unit="batches"):
                 feats, tokens = self.backbone.encode_images(pixels)
                 batch_ids = ids[start:start + len(pixels)]
                 start += len(pixels)

@@ -11,7 +11,7 @@ import numpy as np
 import open_clip
 
 from trip.classes import ClassSplit, class_split
-from trip.config import BackboneCfg, ExperimentCfg, method_label
+from trip.config import BackboneCfg, ExperimentCfg, method_label, names_a_weights_file
 from trip.data.datasets import DatasetSpec, dataset_root, get_dataset
 from trip.data.folder import Domain, split_indices, subsample
 from trip.data.holdout import in_domain_split
@@ -22,8 +22,6 @@ from trip.methods import comm_params, upload_params
 from trip.results import text_table
 from trip.tinyclip import TINY_CFG
 from trip.workspace import check_protocol, split_problems, targets_of
-
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
 @dataclass
@@ -88,7 +86,7 @@ def describe_weights(cfg: BackboneCfg) -> str:
     if cfg.name == "tiny" and tag == "synthetic":
         return "pretrained on synthetic captions (cached after the first run)"
     path = Path(tag).expanduser()
-    if cfg.name == "tiny" or path.suffix in WEIGHT_SUFFIXES or "/" in tag:
+    if cfg.name == "tiny" or names_a_weights_file(tag):
         if not path.is_file():
             raise TripError(f"backbone.pretrained: no weights file at {path}; see docs/reproduce.md")
         return f"file {path}"

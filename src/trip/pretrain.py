@@ -12,11 +12,12 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from trip import safefile
+from trip.build_lock import build_lock
 from trip.data import synthetic
 from trip.paths import cache_dir
+from trip.progress import progress
 from trip.tinyclip import CLIP_MEAN, CLIP_STD, TINY_CFG, new_tiny_clip
 
 # version 3: the same weights as 2, in a checksummed file (a version-2 file has no checksum to verify)
@@ -27,11 +28,12 @@ def pretrained_tiny_clip() -> tuple[open_clip.model.CLIP, str]:
     key = hashlib.sha256(json.dumps([TINY_CFG, PRETRAIN, synthetic.GENERATOR_VERSION], sort_keys=True).encode())
     key = key.hexdigest()[:12]
     path = cache_dir() / f"tiny-clip-synthetic-{key}.safetensors"
-    model = new_tiny_clip()
-    if not (path.is_file() and _load(model, path)):
-        model = new_tiny_clip()  # a failed load may have filled part of it
-        pretrain(model)
-        safefile.write_tensors(path, model.state_dict())
+    with build_lock(path, "pretraining the tiny CLIP"):  # a second first run waits, then loads the file
+        model = new_tiny_clip()
+        if not (path.is_file() and _load(model, path)):
+            model = new_tiny_clip()  # a failed load may have filled part of it
+            pretrain(model)
+            safefile.write_tensors(path, model.state_dict())
     return model, f"tiny:synthetic-{key}"
 
 
@@ -62,8 +64,8 @@ def pretrain(model: open_clip.model.CLIP) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, PRETRAIN["lr"], total_steps=PRETRAIN["steps"])
     target = torch.arange(k).repeat(PRETRAIN["groups"])
-    for _ in tqdm(range(PRETRAIN["steps"]), desc="pretraining tiny CLIP on synthetic captions (once)",
-                  leave=False):
+    for _ in progress(range(PRETRAIN["steps"]), desc="pretraining tiny CLIP on synthetic captions (once)",
+                      unit="steps"):
         idx = (torch.randint(len(blocks), (PRETRAIN["groups"],), generator=gen)[:, None] * k
                + torch.arange(k)).reshape(-1)
         img = F.normalize(model.encode_image(pixels[idx]), dim=-1).view(PRETRAIN["groups"], k, -1)

@@ -95,6 +95,13 @@ def _check_entries(results, path: Path) -> None:
                         f"{', '.join(sorted(RESULT_KEYS))}): restore it, or leave its run folder out")
 
 
+def default_out(run_dirs: list[Path]) -> Path:
+    """`<first run folder>-report.md` beside that folder: with the runs it reports on, not in whatever folder the
+    command ran in, and not inside a run folder, which the report only reads."""
+    first = run_dirs[0] if run_dirs[0].name not in ("", "..") else run_dirs[0].resolve()
+    return first.parent / f"{first.name}-report.md"
+
+
 def write_report(run_dirs: list[Path], out: Path, html_page: bool = False) -> list[Path]:
     """Write the Markdown report to `out` (and `out` with suffix .html). A run folder without figures gets them
     drawn into `<out stem>-figures/` beside the report: nothing is written into the run folders."""

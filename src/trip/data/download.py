@@ -24,11 +24,10 @@ import zlib
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tqdm import tqdm
-
 from trip.data.benchmarks import Archive
 from trip.data.datasets import DatasetSpec
 from trip.errors import TripError
+from trip.progress import progress
 
 CONNECT_TIMEOUT = 5.0  # seconds: offline fails at once
 READ_TIMEOUT = 60.0
@@ -139,7 +138,7 @@ def transfer(url: str, part: Path) -> None:
 
 
 def _copy(response, part: Path, have: int, total: int | None) -> None:
-    bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], leave=False)
+    bar = progress(total=total, initial=have, unit="B", unit_scale=True, desc=f"downloading {part.name[:-5]}")
     try:
         with part.open("ab" if have else "wb") as out, bar:
             while chunk := response.read(CHUNK):

@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
+
+from trip.progress import progress
 
 _SERIAL_BELOW = 256  # fewer images than this: no thread pool
 
@@ -35,5 +36,5 @@ def find_unreadable(root: Path, paths: list[str], desc: str = "checking images")
         workers = min(16, os.cpu_count() or 1)
         with ThreadPoolExecutor(workers) as pool:
             results = pool.map(image_problem, (root / p for p in paths), chunksize=64)
-            problems = list(tqdm(results, total=len(paths), desc=desc, leave=False))
+            problems = list(progress(results, total=len(paths), desc=desc, unit="images"))
     return {p: why for p, why in zip(paths, problems) if why is not None}

@@ -59,7 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rc.add_argument("--target", required=True, help="the held-out domain (\"all\" for a multidomain config)")
     rc.add_argument("--seed", type=int, help="default: the config's first seed")
     rc.add_argument("--method", help="a method label of the config (default: the first method)")
-    rc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    rc.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="override config keys, as `trip run --set`")
     rc.add_argument("--out-dir", default="", help="where the ServerApp writes its results (SuperLink machine)")
     rc.add_argument("--min-clients", type=int, default=1, help="valid updates a round needs (default 1)")
     rc.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for a round's replies")

@@ -10,12 +10,10 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -24,15 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trip.errors import TripError
+from trip.federation.flower.home import make_home, remove_home
 from trip.federation.flower.protocol import APP_DIR
+from trip.shared_cores import SHARED_CORES_ENV
 
 CONNECTION = "trip-local"
 BIN = Path(sys.executable).parent  # flwr's commands live beside the interpreter that runs trip
 FLOWER_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
               "FLWR_DISABLE_UPDATE_CHECK": "1"}
-# Several torch processes share the cores here: OpenMP threads that spin while they wait for work take the cores
-# the other workers compute on (rounds ~5x slower on 2 cores). The wait policy changes no number.
-SHARED_CORES_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @dataclass(frozen=True)
@@ -104,7 +101,7 @@ class LocalFederation:
         """`worker(i, runtime_api)`: a command that serves SuperNode i's ClientApp tasks in a process of its own,
         or None (the default) for a worker forked with the others (tests give a worker that fails)."""
         self.node_configs, self.logs, self.tls, self.worker = node_configs, logs, tls, worker
-        self.home = Path(tempfile.mkdtemp(prefix="trip-flwr-home-"))
+        self.home, self._home_lock = make_home()
         self.env = {**SHARED_CORES_ENV, **os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home)}
         self.superlink: list[subprocess.Popen] = []  # the SuperLink and the worker that runs its ServerApps
         self.nodes: list[list[subprocess.Popen]] = []  # per node: the SuperNode and its worker
@@ -206,7 +203,9 @@ class LocalFederation:
     def stop(self) -> None:
         for procs in [*self.nodes, self.superlink]:
             terminate(procs)
-        shutil.rmtree(self.home, ignore_errors=True)
+        if self._home_lock is not None:
+            remove_home(self.home, self._home_lock)
+            self._home_lock = None
 
 
 def flwr(*args: str, env: dict[str, str]) -> str:

@@ -6,7 +6,7 @@ source domains. It learns one row per class, so it cannot score a class no clien
 Init at zero: the probe is convex, so nothing needs breaking symmetrically, and every seed starts from the same
 model (seeds differ only through the clients' batch orders). s is the backbone's fixed CLIP logit scale, as for
 every other method's cosine logits: with AdamW's per-coordinate steps a unit-scale probe moves its logits by about
-lr·√E per step, far too slowly at trip's lr 5e-4 (docs/method.md §7.3 has the measurement)."""
+lr·√E per step and underfits at trip's lr 5e-4 (docs/method.md §7.3 has the measurement)."""
 
 from __future__ import annotations
 

@@ -454,7 +454,7 @@ def _redundancy(ax: Axes, domains: dict[str, dict]) -> None:
     ax.set_xlim(0, 1.15)
     ax.invert_yaxis()
     ax.set_title("expert redundancy", fontsize=10)
-    ax.set_xlabel("mean pairwise overlap of token shares")
+    ax.set_xlabel("mean pairwise overlap")
 
 
 def base2novel_figure(run: RunFiles) -> Figure | None:

@@ -123,11 +123,17 @@ def test_summary_report_and_figures_show_base_novel_and_hm(b2n_run, tmp_path):
     assert f"{statistics.fmean(hm):.2f} ± {statistics.stdev(hm):.2f}" in row  # the average column, over seeds
 
 
-def test_a_method_that_cannot_predict_novel_classes_is_refused(pacs, tmp_path, capsys):
-    config = tmp_path / "fedapt.yaml"
-    config.write_text(json.dumps(_cfg(pacs, methods=[{"name": "fedapt", "n_ctx": 2}])))
+@pytest.mark.parametrize("method", [{"name": "fedapt", "n_ctx": 2}, {"name": "linear-probe"}],
+                         ids=lambda m: m["name"])
+def test_a_method_that_cannot_predict_novel_classes_is_refused(pacs, tmp_path, capsys, method):
+    config = tmp_path / "closed.yaml"
+    config.write_text(json.dumps(_cfg(pacs, methods=[{"name": "zeroshot"}, method])))
     assert main(["run", str(config), "--dry-run"]) == 2
-    assert "fedapt cannot predict those" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"and {method['name']} cannot predict those" in err and "use protocol lodo" in err
+    with pytest.raises(TripError, match=f"{method['name']} cannot predict those"):
+        run_experiment(parse_config(_cfg(pacs, methods=[method])), tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 def test_the_dry_run_names_the_classes_and_counts_base_train_images(pacs, tmp_path, capsys):

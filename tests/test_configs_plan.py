@@ -58,8 +58,10 @@ def fake_roots(tmp_path_factory) -> dict[str, Path]:
 def test_the_tables_have_their_configs():
     names = {c.relative_to(REPO / "configs").as_posix() for c in CONFIGS}
     for bench in ("pacs", "officehome", "vlcs", "domainnet"):
-        assert {f"{bench}/{m}.yaml" for m in ("trip", "trip-lite", "promptfl", "fedclip", "zeroshot")} <= names
-        assert {f"{bench}/multidomain-{m}.yaml" for m in ("trip", "promptfl", "fedotp", "zeroshot")} <= names
+        assert {f"{bench}/{m}.yaml" for m in ("trip", "trip-lite", "promptfl", "fedclip", "zeroshot",
+                                                      "linear-probe")} <= names
+        assert {f"{bench}/multidomain-{m}.yaml" for m in ("trip", "promptfl", "fedotp", "zeroshot",
+                                                          "linear-probe")} <= names
         assert all(load_config(REPO / "configs" / n).protocol == "multidomain" for n in names
                    if n.startswith(f"{bench}/multidomain-"))
     assert load_config(REPO / "configs/domainnet/multidomain-trip.yaml").data.domainnet_splits == "official"
@@ -96,8 +98,9 @@ def test_paper_configs_hold_the_paper_settings(path):
     fedapt = {"pacs": 58_880, "vlcs": 42_496, "officehome": 534_016, "domainnet": 2_828_800}[path.parent.name]
     if path.stem == "multidomain-fedapt":
         fedapt += 512  # every domain is a client: one more domain-classifier output
+    classes = len(get_dataset(cfg.data.name).classes)
     want = {"trip": 65_536, "trip-lite": 1_024, "promptfl": 8_192, "fedclip": 525_312, "zeroshot": 0,
-            "fedotp": 8_192, "fedapt": fedapt}[path.stem.removeprefix("multidomain-")]
+            "fedotp": 8_192, "fedapt": fedapt, "linear-probe": classes * 513}[path.stem.removeprefix("multidomain-")]
     assert all(comm_params(m, 512, 768, len(get_dataset(cfg.data.name).classes)) == want for m in cfg.methods)
 
 

@@ -26,7 +26,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.
 import contract_method  # noqa: E402  (registers the test-only method)
 
 SEED, TARGET = 5, "photo"
-METHODS = [{"name": "zeroshot", "templates": "single"}, {"name": "promptfl", "n_ctx": 2},
+METHODS = [{"name": "zeroshot", "templates": "single"}, {"name": "linear-probe"}, {"name": "promptfl", "n_ctx": 2},
            {"name": "trip", "num_experts": 2, "n_ctx": 2, "kmeans_iters": 5}, {"name": "trip-lite", "kmeans_iters": 5},
            {"name": "fedclip"}, {"name": "fedotp", "n_ctx": 2}, {"name": "fedapt", "n_ctx": 2},
            {"name": "contract-test"}]

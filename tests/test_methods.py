@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trip.config import PromptFLCfg, TrainCfg, TripCfg, ZeroShotCfg, parse_config
+from trip.config import LinearProbeCfg, PromptFLCfg, TrainCfg, TripCfg, ZeroShotCfg, parse_config
 from trip.features import RoutingSpec
 from trip.federation.client import accuracy, client_update
 from trip.methods import build_method, comm_params
@@ -27,9 +27,10 @@ def _split(backbone, n=12, routing_specs=(), seed=0):
 def test_comm_accounting_for_the_paper_backbone():
     methods = parse_config({"methods": [{"name": "trip"}, {"name": "trip-lite"}, {"name": "promptfl"},
                                         {"name": "zeroshot"},
-                                        {"name": "trip", "routing": "learned", "label": "learned"}]}).methods
+                                        {"name": "trip", "routing": "learned", "label": "learned"},
+                                        {"name": "linear-probe"}]}).methods
     counts = [comm_params(m, text_width=512, vision_width=768, classes=65) for m in methods]
-    assert counts == [65_536, 1_024, 8_192, 0, 65_536 + 4 * (768 + 1)]
+    assert counts == [65_536, 1_024, 8_192, 0, 65_536 + 4 * (768 + 1), 65 * 512 + 65]
 
 
 @pytest.mark.parametrize("routing", ["token", "learned", "image-soft"])
@@ -96,3 +97,37 @@ def test_zeroshot_accuracy_is_in_percent(tiny_backbone):
     assert 0.0 <= acc <= 100.0
     logits = method.logits({}, split)
     assert acc == pytest.approx(100 * (logits.argmax(-1) == split.labels).float().mean().item())
+
+
+def test_linear_probe_logits_are_a_linear_map_of_the_feature(tiny_backbone):
+    method = build_method(LinearProbeCfg(name="linear-probe"), tiny_backbone, CLASSES)
+    init = method.init_params(seed=3)
+    assert {k: v.shape for k, v in init.items()} == {"weight": (3, 64), "bias": (3,)}
+    assert all(not v.any() for v in init.values())  # zeros: the seed plays no part
+    assert method.comm_params == 3 * 64 + 3 and not method.novel_classes
+    gen = torch.Generator().manual_seed(1)
+    params = {"weight": torch.randn(3, 64, generator=gen), "bias": torch.randn(3, generator=gen)}
+    split = _split(tiny_backbone, n=5)
+    f, s = split.features, tiny_backbone.logit_scale
+    want = [[s * sum(params["weight"][c, j].item() * f[i, j].item() for j in range(64)) + params["bias"][c].item()
+             for c in range(3)] for i in range(5)]
+    assert torch.allclose(method.logits(params, split), torch.tensor(want), atol=1e-4)
+
+
+def test_linear_probe_learns_separable_features(tiny_backbone):
+    """Each class a direction of the feature space plus noise: the probe trained from zero separates them, where
+    the untrained probe (every logit equal) scores chance."""
+    method = build_method(LinearProbeCfg(name="linear-probe"), tiny_backbone, CLASSES)
+    gen = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(len(CLASSES), 64, generator=gen), dim=-1)
+    labels = torch.arange(300) % len(CLASSES)
+
+    def split() -> Split:
+        noisy = centres[labels] + 0.12 * torch.randn(len(labels), 64, generator=gen)
+        return Split(labels, {"features": F.normalize(noisy, dim=-1)})
+
+    train, test = split(), split()
+    init = method.init_params(seed=0)
+    assert accuracy(method, init, test) == pytest.approx(100 / len(CLASSES))
+    update = client_update(method, init, train, TrainCfg(batch_size=16), lr=5e-4, seed=0)
+    assert accuracy(method, update.params, test) >= 95

@@ -34,8 +34,8 @@ DOMAINS = ["photo", "cartoon", "sketch", "painting"]
 CONFIG = {"name": "multidomain", "protocol": "multidomain", "seeds": [SEED], "device": "cpu",
           "backbone": {"name": "tiny", "pretrained": None}, "data": {"name": "synthetic", "images_per_class": 3},
           "train": {"rounds": 2, "batch_size": 8, "lr": 0.002},
-          "methods": [{"name": "zeroshot", "templates": "single"}, {"name": "fedotp", "n_ctx": 2},
-                      {"name": "contract-test"}]}
+          "methods": [{"name": "zeroshot", "templates": "single"}, {"name": "linear-probe"},
+                      {"name": "fedotp", "n_ctx": 2}, {"name": "contract-test"}]}
 PERSONALISED = {"fedotp", "contract-test"}
 TABLE_HEADER = "| method | photo | cartoon | sketch | painting | mean | params/round |"
 

@@ -76,6 +76,9 @@ def test_expert_usage_sums_to_one_per_domain(finished):
         for d in phase["domains"].values():
             assert d["images"] == 24 and len(d["mean_weight"]) == trip["num_experts"]
             assert sum(d["mean_weight"]) == pytest.approx(1) and sum(d["argmax_share"]) == pytest.approx(1)
+            assert 0 <= d["redundancy"] <= 1 and len(d["redundancy_pairs"]) == trip["num_experts"]
+            assert d["collapsed"] == (max(d["mean_weight"]) > phase["collapse_threshold"])
+    assert "## Warnings" not in (finished["root"] / "run-a" / "summary.md").read_text()  # capacity caps every expert
 
 
 @pytest.mark.parametrize("assignment", ["hungarian", "greedy", "random"])

@@ -56,8 +56,9 @@ def check_methods(protocol: str, methods: dict[str, bool]) -> None:
     closed = [label for label, novel in methods.items() if not novel]
     if protocol == "base2novel" and closed:
         raise TripError(f"protocol base2novel tests classes no client trained on, and {', '.join(closed)} cannot "
-                        f"predict those (FedAPT learns one prompt per class: a novel class's prompt is never "
-                        f"trained): remove {'it' if len(closed) == 1 else 'them'} from methods, or use protocol lodo")
+                        f"predict those (such a method learns something per class, as FedAPT's class prompts or "
+                        f"the linear probe's weight rows, that a novel class never trains): remove "
+                        f"{'it' if len(closed) == 1 else 'them'} from methods, or use protocol lodo")
 
 
 def harmonic_mean(values: list[float]) -> float:

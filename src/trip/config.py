@@ -222,6 +222,14 @@ class ZeroShotCfg(_Strict):
     templates: Literal["single", "ensemble"] = "ensemble"
 
 
+class LinearProbeCfg(_Strict):
+    """A linear classifier on the frozen L2-normalised image feature, FedAvg'd (docs/method.md §7.3)."""
+
+    name: Literal["linear-probe"]
+    label: str | None = None
+    optimizer: OptimizerCfg | None = None  # None: train's AdamW settings (weight decay included)
+
+
 class PromptFLCfg(_Strict):
     name: Literal["promptfl"]
     label: str | None = None
@@ -346,7 +354,8 @@ class FedAPTCfg(_Strict):
         return data
 
 
-_METHOD_CFGS: list[type[BaseModel]] = [ZeroShotCfg, PromptFLCfg, TripCfg, FedCLIPCfg, FedOTPCfg, FedAPTCfg]
+_METHOD_CFGS: list[type[BaseModel]] = [ZeroShotCfg, LinearProbeCfg, PromptFLCfg, TripCfg, FedCLIPCfg, FedOTPCfg,
+                                       FedAPTCfg]
 
 
 def _method_union() -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,9 +89,12 @@ def _run_all(ws: Workspace, out: Path, runs: list[dict], federate: Federate) -> 
                     if (method.label, target, seed) not in done:
                         runs.append(_run_one(ws, out, method, target, seed, rounds_file, federate))
                         results.write_results(out, cfg, runs, skipped_images=ws.skipped_images, classes=classes)
+    usage = expert_usage.write(ws, out)  # before the figures: they read it
+    warnings = expert_usage.collapse_warnings(usage)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
     summary = multidomain_results.write_summary if cfg.protocol == "multidomain" else results.write_summary
-    summary(out, cfg, runs)
-    expert_usage.write(ws, out)  # before the figures: they read it
+    summary(out, cfg, runs, warnings)
     from trip import viz  # matplotlib: imported only where figures are drawn (not in Flower workers)
 
     viz.write_run_figures(out)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from trip.config import ExperimentCfg, method_label
 from trip.data.datasets import get_dataset
-from trip.results import cell, markdown_table, text_table
+from trip.results import cell, markdown_table, text_table, warning_lines
 
 # results.json entry key of the per-domain accuracies -> (the key of their mean, what the table shows)
 TABLES = {
@@ -58,7 +58,8 @@ def text_tables(cfg: ExperimentCfg, runs: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
-def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict]) -> str:
+def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict], warnings: list[str] = ()) -> str:
+    """`warnings`: as `trip.results.write_summary`'s."""
     domains = list(get_dataset(cfg.data.name).domains)
     labels = [method_label(m) for m in cfg.methods]
     text = "\n".join([
@@ -74,6 +75,7 @@ def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict]) -> str:
         "also holds the last round's and the test-selected (oracle) numbers; `trip report` tables them.",
         *tables(runs, domains, labels, planned_seeds=len(cfg.seeds), heading="##"),
         "",
+        *warning_lines(warnings),
     ])
     (out / "summary.md").write_text(text)
     return text

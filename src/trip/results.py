@@ -150,7 +150,8 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
                       *(fmt.format(*r) for r in rows)])
 
 
-def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict]) -> str:
+def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict], warnings: list[str] = ()) -> str:
+    """`warnings`: what the run found wrong beside the numbers (router collapse), listed at the end."""
     tables = accuracy_tables(runs, cfg.data.name)
     labels = ", ".join(method_label(m) for m in cfg.methods)
     text = "\n".join([
@@ -171,9 +172,14 @@ def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict]) -> str:
         *([f"Rows \"(paper)\": {SOURCE}; \"(ours − paper)\" is our mean minus the published number.", ""]
           if any(published(cfg.data.name, r["method"]) for r in runs) else []),
         *privacy_lines(out, cfg, runs),
+        *warning_lines(warnings),
     ])
     (out / "summary.md").write_text(text)
     return text
+
+
+def warning_lines(warnings: list[str]) -> list[str]:
+    return ["## Warnings", "", *(f"- {w}" for w in warnings), ""] if warnings else []
 
 
 def privacy_lines(out: Path, cfg: ExperimentCfg, runs: list[dict]) -> list[str]:

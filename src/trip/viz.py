@@ -404,13 +404,15 @@ def train_loss_figure(run: RunFiles) -> Figure | None:
 
 
 def expert_usage_figure(run: RunFiles) -> Figure | None:
-    """Per method and routing phase: mean mixture weight and argmax share of each expert, stacked per domain."""
+    """Per method and routing phase: mean mixture weight and argmax share of each expert, stacked per domain (a
+    domain where the router collapsed is marked), and the experts' redundancy per domain (docs/figures.md
+    "Router diagnostics")."""
     methods = (run.usage or {}).get("methods", {})
     if not methods:
         return None
     rows = [(label, phase, info) for label, m in methods.items() for phase, info in m["phases"].items()]
-    fig = Figure(figsize=(10, 0.9 + 2.5 * len(rows)), layout="constrained")
-    axes = fig.subplots(len(rows), 2, squeeze=False)
+    fig = Figure(figsize=(14, 0.9 + 2.5 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), 3, squeeze=False, width_ratios=(1, 1, 0.6))
     fig.suptitle(f"{run.name}: expert usage per domain (all images of the domain, cached router weights)")
     for i, (label, phase, info) in enumerate(rows):
         for j, (field, what) in enumerate((("mean_weight", "mean mixture weight (fraction)"),
@@ -420,6 +422,7 @@ def expert_usage_figure(run: RunFiles) -> Figure | None:
             axes[i, j].set_title(f"{label}, {phase_name} routing ({_capacity_text(info['capacity'])})",
                                  fontsize=10)
             axes[i, j].set_xlabel(what)
+        _redundancy(axes[i, 2], info["domains"])
     most = max(m["num_experts"] for m in methods.values())
     fig.legend(handles=[Patch(facecolor=expert_color(e), edgecolor="black", label=f"expert E{e + 1}")
                         for e in range(most)], loc="outside lower center", ncol=min(8, most), frameon=False)
@@ -436,8 +439,22 @@ def _stacked_usage(ax: Axes, domains: dict[str, dict], field: str) -> None:
                      fontsize=7)
         left += values[:, e]
     ax.set_xlim(0, 1)
+    ax.set_yticks(range(len(names)), [f"{d}\n(collapsed)" if domains[d].get("collapsed") else d for d in names])
     ax.invert_yaxis()
     ax.set_ylabel("domain")
+
+
+def _redundancy(ax: Axes, domains: dict[str, dict]) -> None:
+    """The mean pairwise overlap of the experts' token shares per domain (none for one expert, or in a run folder
+    written before it was measured)."""
+    names = list(domains)
+    values = [domains[d].get("redundancy") for d in names]
+    bars = ax.barh(names, [v or 0.0 for v in values], color="0.6", edgecolor="black", linewidth=0.5)
+    ax.bar_label(bars, labels=["—" if v is None else f"{v:.2f}" for v in values], padding=2, fontsize=7)
+    ax.set_xlim(0, 1.15)
+    ax.invert_yaxis()
+    ax.set_title("expert redundancy", fontsize=10)
+    ax.set_xlabel("mean pairwise overlap")
 
 
 def base2novel_figure(run: RunFiles) -> Figure | None:

@@ -11,6 +11,7 @@ from trip.config import (
     FedAPTCfg,
     FedCLIPCfg,
     FedOTPCfg,
+    LinearProbeCfg,
     PromptFLCfg,
     TripCfg,
     ZeroShotCfg,
@@ -21,12 +22,13 @@ from trip.methods.base import Method
 from trip.methods.fedapt import FedAPT
 from trip.methods.fedclip import FedCLIP
 from trip.methods.fedotp import FedOTP
+from trip.methods.linear_probe import LinearProbe
 from trip.methods.promptfl import PromptFL
 from trip.methods.trip import Trip
 from trip.methods.zeroshot import ZeroShot
 
-_BY_CFG: dict[type, type[Method]] = {ZeroShotCfg: ZeroShot, PromptFLCfg: PromptFL, TripCfg: Trip,
-                                     FedCLIPCfg: FedCLIP, FedOTPCfg: FedOTP, FedAPTCfg: FedAPT}
+_BY_CFG: dict[type, type[Method]] = {ZeroShotCfg: ZeroShot, LinearProbeCfg: LinearProbe, PromptFLCfg: PromptFL,
+                                     TripCfg: Trip, FedCLIPCfg: FedCLIP, FedOTPCfg: FedOTP, FedAPTCfg: FedAPT}
 
 
 def register(cfg_cls: type[BaseModel], method_cls: type[Method]) -> None:

@@ -80,20 +80,27 @@ class RunCheckpoints:
             try:
                 state = _load(path)
             except (safefile.BadFile, ValueError, KeyError) as err:
-                print(f"warning: checkpoint {path} is unreadable or corrupt ({err}); using the one before it",
-                      file=sys.stderr)
+                _warn_once(f"warning: checkpoint {path} is unreadable or corrupt ({err}); using the one before it")
                 continue
             lost = lost_clients(state.history[-1]) if state.history else {}
             if not lost:
                 return state
             short.append(f"round {state.next_round - 1} lost {describe(lost)}")
-            print(f"warning: checkpoint {path} is not resumed from: its {short[-1]}; using the one before it",
-                  file=sys.stderr)
+            _warn_once(f"warning: checkpoint {path} is not resumed from: its {short[-1]}; using the one before it")
         if short:
             raise TripError(f"the checkpoints in {self.folder} all end with rounds that lost clients "
                             f"({'; '.join(short)}), and no earlier one is kept: delete {self.folder} to run this "
                             f"(method, held-out domain, seed) again from its first round")
         return None
+
+
+_WARNED: set[str] = set()  # a resume reads its checkpoint several times (trip.experiment, the engine)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(message, file=sys.stderr)
 
 
 def _load(path: Path) -> FederationState:

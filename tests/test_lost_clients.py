@@ -14,7 +14,6 @@ from trip.checkpoint import FederationState, RunCheckpoints
 from trip.errors import TripError
 from trip.federation.flower import local
 from trip.lost_clients import lost_clients, report_lines
-from trip.results import lost_client_lines
 
 CLIENTS = ["cartoon", "sketch", "painting"]
 
@@ -75,6 +74,8 @@ def test_the_local_federation_stops_its_serverapp_before_its_supernodes(tmp_path
 
 
 def test_summary_names_each_round_that_lost_clients_and_says_nothing_without(tmp_path):
+    from trip.results import lost_client_lines
+
     key = {"method": "trip", "target": "photo", "seed": 3}
     records = [{**key, **record(0)}, {**key, **record(1, participants=["cartoon", "painting"],
                                                       failed={"sketch": "no reply within 60 s"})},

@@ -30,6 +30,7 @@ from trip.federation.flower.strategy import Peer, TripStrategy, UpdateRefused, c
 from trip.federation.inprocess import run_federation
 from trip.federation.rounds import select_round
 from trip.federation.server import fedavg
+from trip.lost_clients import lost_clients
 
 pytestmark = pytest.mark.flower
 
@@ -224,6 +225,7 @@ def test_node_dying_in_round_two_leaves_a_completed_run_with_fewer_participants(
     assert got.history[1]["participants"] == reference.history[1]["participants"][:2]
     assert "Node Unavailable" in got.history[1]["failed"][dead]
     assert dead not in got.history[1]["eval"]["bma"]["val"]
+    assert [list(lost_clients(r)) for r in got.history] == [[], [dead]]  # what summary.md and trip report name
 
 
 def test_trip_flower_wait_exits_non_zero_for_a_failed_run(cfg, tls_federation, tmp_path, monkeypatch, capsys):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from trip.cli import main
-from trip.config import parse_config
+from trip.config import load_config, parse_config
 from trip.experiment import run_experiment
 from trip.report import load_runs
-from trip.results import Planned, table_rows
+from trip.results import Planned, table_rows, write_summary
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,26 @@ def test_a_run_that_finished_nothing_is_reported_as_such(complete, tmp_path):
     assert "| unfinished: 0 of 8 runs |" in text and "missing zeroshot held out photo (seed 0);" in text
     assert "| started | zeroshot | — | — | — | — |" in text
     assert sorted(p.name for p in started.iterdir()) == ["config.yaml"]
+
+
+def test_rounds_that_lost_clients_are_named_by_the_report_and_the_summary(complete, tmp_path):
+    """A run that completed although a round went on without a client (a node that went offline under Flower):
+    `trip report` and summary.md name the round and the client; the untouched folder has no such section."""
+    lossy = tmp_path / "lossy"
+    shutil.copytree(complete, lossy)
+    records = [json.loads(line) for line in (lossy / "rounds.jsonl").read_text().splitlines()]
+    [short] = [r for r in records if (r["method"], r["target"], r["seed"], r["round"]) == ("promptfl", "photo", 1, 0)]
+    short["participants"].remove("sketch")  # "failed" stays {}: what a stopped Flower run once wrote
+    (lossy / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "rep" / "report.md"
+    assert main(["report", str(complete), str(lossy), "--out", str(out)]) == 0
+    text = out.read_text()
+    named = "- promptfl, held out photo, seed 1: round 0: sketch (asked to train, sent no accepted update)"
+    assert "## Rounds that lost clients" in text and f"### lossy\n\n{named}" in text
+    assert "### complete" not in text.split("## Rounds that lost clients")[1].split("## Target accuracy")[0]
+    cfg = load_config(lossy / "config.yaml")
+    assert named in write_summary(lossy, cfg, json.loads((lossy / "results.json").read_text())["runs"])
+    assert "lost clients" not in (complete / "summary.md").read_text()
 
 
 def test_planned_runs_follow_the_config():

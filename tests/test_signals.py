@@ -18,6 +18,7 @@ import yaml
 from trip.cli import main
 from trip.federation.flower.home import make_home, remove_home, remove_orphaned_homes
 from trip.federation.flower.local import LocalFederation
+from trip.lost_clients import lost_clients
 from trip.run_lock import LOCK_FILE
 
 CONFIG = {
@@ -63,12 +64,21 @@ def rounds_of(out: Path) -> list[int]:
     return [json.loads(line)["round"] for line in log.read_text().splitlines()] if log.is_file() else []
 
 
-def flower_run_in_round_one(tmp_path: Path) -> tuple[subprocess.Popen, str, Path, Path]:
-    """A `trip run --engine flower` that has logged its first round: (process, marker, run folder, FLWR_HOME)."""
+def evaluating_round_one(out: Path) -> bool:
+    """SuperNode 0 has been sent round 1's evaluate message and has not answered it yet (or just has): the
+    moment a SuperNode stopped before the ServerApp left it out of round 1's validation."""
+    log = out / "flower" / "logs" / "supernode0.log"
+    received = log.read_text(errors="replace").count("Receiving: evaluate message") if log.is_file() else 0
+    return received >= 2  # round 0's, round 1's
+
+
+def flower_run_in_round_one(tmp_path: Path, ready=rounds_of) -> tuple[subprocess.Popen, str, Path, Path]:
+    """A `trip run --engine flower` in its round 1, by default once it has logged round 0: (process, marker, run
+    folder, FLWR_HOME)."""
     config, out, marker = tmp_path / "exp.yaml", tmp_path / "run", uuid.uuid4().hex
     config.write_text(yaml.safe_dump(CONFIG))
     proc = start_trip(["run", str(config), "--engine", "flower", "--out", str(out)], marker)
-    wait_until(lambda: rounds_of(out) or proc.poll() is not None, 240, "the first round record")
+    wait_until(lambda: ready(out) or proc.poll() is not None, 240, "round 1")
     assert proc.poll() is None, proc.stderr.read()
     homes = {env["FLWR_HOME"] for pid, env in marked(marker).items() if pid != proc.pid and "FLWR_HOME" in env}
     assert len(homes) == 1
@@ -87,9 +97,19 @@ def lock_holders(out: Path, pids) -> list[int]:
     return holders
 
 
+def comparable(out: Path) -> tuple[list[dict], list[dict]]:
+    """results.json's entries and rounds.jsonl's records, without their times."""
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in runs + rounds], rounds
+
+
 @pytest.mark.flower
-def test_sigterm_to_the_process_group_stops_every_flower_process_and_resume_logs_each_round_once(tmp_path):
-    proc, marker, out, home = flower_run_in_round_one(tmp_path)
+def test_sigterm_during_a_round_stops_every_flower_process_and_resume_gives_the_uninterrupted_results(tmp_path):
+    """Stopped while its SuperNodes evaluate round 1, the run checkpoints no round without them (issue 22: the
+    ServerApp went on without the stopped SuperNodes), and `--resume` ends with the results of a run never
+    stopped (the in-process engine's: the same numbers, tests/test_flower.py), each round logged once."""
+    proc, marker, out, home = flower_run_in_round_one(tmp_path, ready=evaluating_round_one)
     started = marked(marker)
     assert len(started) >= 9  # trip, the SuperLink, its ServerApp worker, 3 SuperNodes and their workers
     assert lock_holders(out, started) == [proc.pid]  # the run folder's lock stays with trip
@@ -104,6 +124,11 @@ def test_sigterm_to_the_process_group_stops_every_flower_process_and_resume_logs
 
     assert main(["run", str(tmp_path / "exp.yaml"), "--out", str(out), "--resume"]) == 0
     assert rounds_of(out) == list(range(CONFIG["train"]["rounds"]))
+    assert main(["run", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "straight")]) == 0
+    resumed, rounds = comparable(out)
+    assert resumed == comparable(tmp_path / "straight")[0]
+    assert [r["round"] for r in rounds if lost_clients(r)] == []
+    assert "lost clients" not in (out / "summary.md").read_text()
 
 
 @pytest.mark.flower

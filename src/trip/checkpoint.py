@@ -16,6 +16,7 @@ import torch
 
 from trip import safefile
 from trip.errors import TripError
+from trip.lost_clients import describe, lost_clients
 
 KEEP = 2
 
@@ -71,14 +72,35 @@ class RunCheckpoints:
         return path
 
     def latest(self) -> FederationState | None:
-        """The newest checkpoint that loads and matches its checksum; a bad one is reported and skipped."""
+        """The checkpoint a run resumes from: the newest one that loads, matches its checksum and ends with a
+        round that lost no client (`trip.lost_clients`); a bad or short one is reported and skipped. None: no
+        checkpoint. Only short ones: refused (going on from them would keep rounds trained without clients)."""
+        short = []
         for path in reversed(self.files()):
             try:
-                return _load(path)
+                state = _load(path)
             except (safefile.BadFile, ValueError, KeyError) as err:
-                print(f"warning: checkpoint {path} is unreadable or corrupt ({err}); using the one before it",
-                      file=sys.stderr)
+                _warn_once(f"warning: checkpoint {path} is unreadable or corrupt ({err}); using the one before it")
+                continue
+            lost = lost_clients(state.history[-1]) if state.history else {}
+            if not lost:
+                return state
+            short.append(f"round {state.next_round - 1} lost {describe(lost)}")
+            _warn_once(f"warning: checkpoint {path} is not resumed from: its {short[-1]}; using the one before it")
+        if short:
+            raise TripError(f"the checkpoints in {self.folder} all end with rounds that lost clients "
+                            f"({'; '.join(short)}), and no earlier one is kept: delete {self.folder} to run this "
+                            f"(method, held-out domain, seed) again from its first round")
         return None
+
+
+_WARNED: set[str] = set()  # a resume reads its checkpoint several times (trip.experiment, the engine)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(message, file=sys.stderr)
 
 
 def _load(path: Path) -> FederationState:

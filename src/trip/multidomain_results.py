@@ -8,7 +8,7 @@ from pathlib import Path
 
 from trip.config import ExperimentCfg, method_label
 from trip.data.datasets import get_dataset
-from trip.results import cell, markdown_table, text_table, warning_lines
+from trip.results import cell, lost_client_lines, markdown_table, text_table, warning_lines
 
 # results.json entry key of the per-domain accuracies -> (the key of their mean, what the table shows)
 TABLES = {
@@ -75,6 +75,7 @@ def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict], warnings: lis
         "also holds the last round's and the test-selected (oracle) numbers; `trip report` tables them.",
         *tables(runs, domains, labels, planned_seeds=len(cfg.seeds), heading="##"),
         "",
+        *lost_client_lines(out),
         *warning_lines(warnings),
     ])
     (out / "summary.md").write_text(text)

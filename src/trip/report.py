@@ -16,6 +16,7 @@ from urllib.parse import quote, unquote
 from trip import multidomain_results
 from trip.config import ALL_DOMAINS, load_config
 from trip.errors import TripError
+from trip.lost_clients import EXPLANATION, report_lines
 from trip.outputs import check_writable
 from trip.paper import SOURCE, published
 from trip.results import BASE2NOVEL_NOTE, SELECTION_RULES, Planned, accuracy_tables, markdown_table, table_rows
@@ -118,8 +119,8 @@ def write_report(run_dirs: list[Path], out: Path, html_page: bool = False) -> li
 
 
 def build_report(runs: list[Run], report_dir: Path, figures_dir: Path) -> str:
-    sections = [_overview(runs, report_dir), _unfinished(runs), _accuracy(runs), _other_selections(runs),
-                _in_domain_accuracy(runs),
+    sections = [_overview(runs, report_dir), _unfinished(runs), _lost_clients(runs), _accuracy(runs),
+                _other_selections(runs), _in_domain_accuracy(runs),
                 _communication(runs), _timing(runs), _figures(runs, report_dir, figures_dir)]
     return "\n\n".join(s for s in sections if s) + "\n"
 
@@ -160,6 +161,15 @@ def _unfinished(runs: list[Run]) -> str:
                       "These folders hold fewer results than their config asks for (seeds × methods × held-out "
                       "domains): continue them with `trip run CONFIG --out FOLDER`. In the tables, a cell over "
                       "fewer seeds than planned says how many it has, and a missing one is \"—\".", "", *lines])
+
+
+def _lost_clients(runs: list[Run]) -> str:
+    """Per run folder, the rounds that lost clients (`trip.lost_clients`), naming each round and its clients."""
+    lines = []
+    for run in runs:
+        if bullets := report_lines(run.files.rounds):
+            lines += ["", f"### {run.label}", "", *bullets]
+    return "\n".join(["## Rounds that lost clients", "", EXPLANATION, *lines]) if lines else ""
 
 
 def _accuracy(runs: list[Run]) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from trip.config import ALL_DOMAINS, ExperimentCfg, method_label
 from trip.data.datasets import get_dataset
+from trip.lost_clients import section
 from trip.paper import PAPER_COMM, SOURCE, published
 
 
@@ -172,6 +173,7 @@ def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict], warnings: lis
         *([f"Rows \"(paper)\": {SOURCE}; \"(ours − paper)\" is our mean minus the published number.", ""]
           if any(published(cfg.data.name, r["method"]) for r in runs) else []),
         *privacy_lines(out, cfg, runs),
+        *lost_client_lines(out),
         *warning_lines(warnings),
     ])
     (out / "summary.md").write_text(text)
@@ -180,6 +182,24 @@ def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict], warnings: lis
 
 def warning_lines(warnings: list[str]) -> list[str]:
     return ["## Warnings", "", *(f"- {w}" for w in warnings), ""] if warnings else []
+
+
+def lost_client_lines(out: Path) -> list[str]:
+    """summary.md's section on the rounds in rounds.jsonl that lost clients (`trip.lost_clients`), if any."""
+    lines = section(round_records(out), "## Rounds that lost clients")
+    return [*lines, ""] if lines else []
+
+
+def round_records(out: Path) -> list[dict]:
+    """The records of a run folder's rounds.jsonl; a line cut short by a kill is left out."""
+    path = out / "rounds.jsonl"
+    records = []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def privacy_lines(out: Path, cfg: ExperimentCfg, runs: list[dict]) -> list[str]:

@@ -30,6 +30,7 @@ from trip.data.datasets import DatasetSpec, get_dataset
 from trip.errors import TripError
 from trip.expert_usage import EXPERT_USAGE_FILE
 from trip.features import image_id
+from trip.results import round_records
 
 OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000")
 _SERIES_ORDER = (4, 5, 2, 6, 0, 1, 7, 3)  # lines on white: strong colours first, yellow last
@@ -242,7 +243,7 @@ class RunFiles:
                             f"`trip run` or `trip demo`")
         usage_path = run_dir / EXPERT_USAGE_FILE
         usage = read_json(usage_path) if usage_path.is_file() else None
-        return cls(read_json(results_path), read_rounds(run_dir), usage)
+        return cls(read_json(results_path), round_records(run_dir), usage)
 
     @property
     def name(self) -> str:
@@ -255,18 +256,6 @@ def read_json(path: Path):
     except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise TripError(f"{path} is damaged ({type(err).__name__}: {err}): restore it, or leave its run folder "
                         f"out") from None
-
-
-def read_rounds(run_dir: Path) -> list[dict]:
-    """The round records of rounds.jsonl; a line cut short (a run killed while writing it) is left out."""
-    path = run_dir / "rounds.jsonl"
-    records = []
-    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
 
 
 def write_run_figures(out_dir: Path) -> list[Path]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from safetensors import safe_open
@@ -25,7 +25,7 @@ from trip.config import ExperimentCfg
 from trip.errors import TripError
 from trip.federation.flower.local import LocalFederation
 from trip.federation.flower.private_store import STATE_DIR
-from trip.federation.flower.protocol import RunSpec, write_run_config
+from trip.federation.flower.protocol import STOPPING, RunSpec, write_run_config
 from trip.federation.flower.simulation import SimulationFederation
 from trip.federation.inprocess import FederationResult, RoundLogger
 from trip.methods.base import Method
@@ -63,7 +63,7 @@ class FlowerRuns:
     def __call__(self, method: Method, target: str, seed: int, log: RoundLogger) -> FederationResult:
         run_dir = (self.root / f"{method.label}-{target}-seed{seed}").resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("rounds.jsonl", "result.json"):
+        for stale in ("rounds.jsonl", "result.json", STOPPING):
             (run_dir / stale).unlink(missing_ok=True)
         folder = self.checkpoints / run_key(method.label, target, seed) if self.checkpoints else None
         done = self._resumed_rounds(folder) if folder and method.trainable else []
@@ -71,7 +71,12 @@ class FlowerRuns:
                        checkpoint_dir=str(folder or ""), **self.run_options)
         run_id = self.fed.submit(write_run_config(spec, run_dir / "run_config.toml"), len(spec.clients))
         rounds = RoundTail(run_dir / "rounds.jsonl", log, done)
-        status, details = self.fed.wait(run_id, on_tick=rounds.poll)
+        try:
+            status, details = self.fed.wait(run_id, on_tick=rounds.poll)
+        except BaseException:  # interrupted: the ServerApp may outlive trip's wait by a round
+            with suppress(OSError):
+                (run_dir / STOPPING).touch()
+            raise
         if status != "finished:completed":
             raise TripError(f"Flower run {run_id} ({method.label}, held out {target}, seed {seed}) ended "
                             f"{status}: {details}\nServerApp log (tail):\n{self.fed.log_tail(run_id)}\n"

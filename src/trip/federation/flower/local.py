@@ -201,7 +201,10 @@ class LocalFederation:
     # --- stopping ------------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        for procs in [*self.nodes, self.superlink]:
+        """The ServerApps' worker first, then the SuperNodes, then the SuperLink: a ServerApp that outlived the
+        SuperNodes would go on aggregating, and checkpointing, rounds without their clients."""
+        superlink, apps = self.superlink[:1], self.superlink[1:]
+        for procs in [apps, *self.nodes, superlink]:
             terminate(procs)
         if self._home_lock is not None:
             remove_home(self.home, self._home_lock)

@@ -22,6 +22,8 @@ from trip.outputs import write_text
 APP_DIR = Path(__file__).parent / "app"  # the Flower App that `flwr run` bundles
 MODELS = ("server", "bma")  # names of the models a round evaluates (as the in-process engine)
 SHARED = "shared-{}"  # multidomain: the evaluate message's record of a model's global tensors (personalised models)
+# In a run's out-dir: trip is stopping the federation; the ServerApp checkpoints no further round (server_app.py)
+STOPPING = "stopping"
 
 
 def accuracy_key(model: str, part: str) -> str:

@@ -21,7 +21,14 @@ from trip.checkpoint import RunCheckpoints
 from trip.errors import TripError
 from trip.federation import multidomain, secure
 from trip.federation.flower import node
-from trip.federation.flower.protocol import RunSpec, accuracy_key, from_record, quiet_root_logger, to_record
+from trip.federation.flower.protocol import (
+    STOPPING,
+    RunSpec,
+    accuracy_key,
+    from_record,
+    quiet_root_logger,
+    to_record,
+)
 from trip.federation.flower.strategy import Peer, TripStrategy
 from trip.federation.privacy import check_method
 from trip.federation.rounds import part_accuracies, select_round, selection_model
@@ -46,6 +53,9 @@ def main(grid: Grid, context: Context) -> None:
     state = checkpoints.latest() if checkpoints else None
 
     def on_round(record: dict) -> None:
+        if out and (out / STOPPING).exists():  # its clients may be going: the round may have run without them
+            raise TripError(f"trip is stopping the federation: round {record['round']} is neither logged nor "
+                            f"checkpointed")
         _log_round(record, out)
         if checkpoints:
             checkpoints.save(strategy.server.state([]))

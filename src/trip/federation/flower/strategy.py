@@ -34,6 +34,7 @@ from trip.federation.flower.dp import dp_train_step
 from trip.federation.flower.polling import Backoff
 from trip.federation.flower.protocol import SHARED, RunSpec, accuracy_key, from_record, to_record
 from trip.federation.flower.secagg import SecureSum, secure_sum
+from trip.federation.partition import client_domain
 from trip.federation.privacy import round_privacy
 from trip.federation.rounds import (
     Accepted,
@@ -155,6 +156,7 @@ class TripStrategy(Strategy):
             self.round_state = {"round": 0, "failed": {}}
             ev = self._evaluate(grid, 0, evaluate_config, evaluate_fn, timeout)
             failed = self.round_state["failed"]
+            self._name_the_unvalidated(failed, ev)
             self._record({"round": 0, "eval": ev, **({"failed": failed} if failed else {})})
         for server_round in range(self.server.next_round + 1, num_rounds + 1):  # a restored server goes on
             start = time.perf_counter()
@@ -170,6 +172,7 @@ class TripStrategy(Strategy):
             result.train_metrics_clientapp[server_round] = metrics
             ev = self._evaluate(grid, server_round, evaluate_config, evaluate_fn, timeout)
             state = self.round_state
+            self._name_the_missing(state, ev)
             record = round_record(state["round"], state["lr"], state["taking_part"], state["accepted"],
                                   state["failed"], ev, time.perf_counter() - start)
             self._record(record | state.get("secure", {}) | self._privacy(state["accepted"]))
@@ -210,6 +213,21 @@ class TripStrategy(Strategy):
                 res = evaluate_fn(server_round, record)
                 target[name] = {p: float(res[accuracy_key("", p)]) for p in parts} if res is not None else {}
         return eval_record(val, target)
+
+    def _name_the_missing(self, state: dict, ev: dict) -> None:
+        """Every client the round asked to train without an accepted update, and every source client without a
+        validation accuracy, is under "failed" (whatever path lost it): a round record never hides a loss
+        (`trip.lost_clients`)."""
+        accepted = {a.name for a in state["accepted"]}
+        for name in state["taking_part"]["sampled"]:
+            if name not in accepted and name not in state["taking_part"]["dropped"]:
+                state["failed"].setdefault(name, "asked to train, sent no accepted update")
+        self._name_the_unvalidated(state["failed"], ev)
+
+    def _name_the_unvalidated(self, failed: dict[str, str], ev: dict) -> None:
+        for name in self.clients:
+            if any(name not in model["val"] for model in ev.values()):
+                failed.setdefault(name, failed.get(client_domain(name), "no validation accuracy"))
 
     def _record(self, record: dict) -> None:
         self.server.log(record)
@@ -299,8 +317,12 @@ class TripStrategy(Strategy):
             if self.spec.cfg.protocol == "multidomain" else {}
         content = RecordDict({**self._model_records(), **shared, "server": arrays,
                               "config": ConfigRecord({**config, "server-round": server_round})})
-        peers = self._online(grid, [*self.sources, *([self.target_peer] if self.target_peer else [])])
-        return [self._message(content, p, MessageType.EVALUATE, server_round) for p in peers]
+        peers = [*self.sources, *([self.target_peer] if self.target_peer else [])]
+        online = self._online(grid, peers)
+        for p in peers:
+            if p not in online:
+                self._fail(p.node_id, None, "evaluation: its node is not connected")
+        return [self._message(content, p, MessageType.EVALUATE, server_round) for p in online]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         acc: dict[str, dict[str, dict[str, float]]] = {}  # client (or the held-out domain) -> model -> part -> accuracy

@@ -144,6 +144,7 @@ def test_a_bad_image_check_file_is_checked_again(data, tmp_path, monkeypatch, ca
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_concurrent_synthetic_sets_with_other_settings_are_both_right(tmp_path):
     """Four processes at once into one root: two settings, each twice (so each setting also has a race)."""
     script = ("import sys; from pathlib import Path; from trip.data.synthetic import write_domains; "
@@ -163,6 +164,7 @@ def test_concurrent_synthetic_sets_with_other_settings_are_both_right(tmp_path):
     assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == sorted({Path(o).name for o in outs})
 
 
+@pytest.mark.slow
 def test_concurrent_writers_of_one_file_never_leave_a_mixed_one(tmp_path):
     script = ("import sys, torch; from pathlib import Path; from trip import safefile\n"
               "v = float(sys.argv[2])\n"

@@ -58,6 +58,7 @@ def rounds_of(out: Path) -> list[int]:
     return [json.loads(line)["round"] for line in log.read_text().splitlines()] if log.is_file() else []
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_folder_in_use_is_refused_at_once_and_the_first_completes(config, tmp_path):
     out = tmp_path / "run"
     first = start("run", str(config), "--out", str(out))
@@ -73,6 +74,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_at_once_and_the_first_comp
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 1
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_process_group_stops_an_in_process_run_cleanly_and_a_killed_run_leaves_no_stuck_lock(
         config, tmp_path):
     out = tmp_path / "run"

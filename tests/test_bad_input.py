@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from patience import PATIENCE_S
 
 from trip.cli import main
 
@@ -65,7 +66,7 @@ def test_a_bad_config_gives_one_line_in_a_fresh_process(tmp_path):
     """The message as a user sees it: exit 2, one `error:` line, no traceback."""
     (tmp_path / "latin1.yaml").write_bytes(b"name: \xff\n")
     proc = subprocess.run([sys.executable, "-m", "trip.cli", "run", str(tmp_path / "latin1.yaml")],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=PATIENCE_S)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: ")
 

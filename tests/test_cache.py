@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from patience import PATIENCE_S
 
 from trip import pretrain, safefile
 from trip.data.folder import scan_domain
@@ -143,6 +144,7 @@ def test_a_bad_image_check_file_is_checked_again(data, tmp_path, monkeypatch, ca
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_concurrent_synthetic_sets_with_other_settings_are_both_right(tmp_path):
     """Four processes at once into one root: two settings, each twice (so each setting also has a race)."""
     script = ("import sys; from pathlib import Path; from trip.data.synthetic import write_domains; "
@@ -150,7 +152,7 @@ def test_concurrent_synthetic_sets_with_other_settings_are_both_right(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "shared"), str(n)], env=env,
                               stdout=subprocess.PIPE, text=True) for n in (2, 3, 2, 3)]
-    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    outs = [p.communicate(timeout=PATIENCE_S)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0]
     assert outs[0] == outs[2] and outs[1] == outs[3] and outs[0] != outs[1]
     for out, n in zip(outs[:2], (2, 3), strict=True):
@@ -162,6 +164,7 @@ def test_concurrent_synthetic_sets_with_other_settings_are_both_right(tmp_path):
     assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == sorted({Path(o).name for o in outs})
 
 
+@pytest.mark.slow
 def test_concurrent_writers_of_one_file_never_leave_a_mixed_one(tmp_path):
     script = ("import sys, torch; from pathlib import Path; from trip import safefile\n"
               "v = float(sys.argv[2])\n"

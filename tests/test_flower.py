@@ -17,6 +17,7 @@ import torch
 import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.common.config import parse_config_args
+from patience import PATIENCE_S
 
 from trip.cli import main
 from trip.config import parse_config
@@ -202,7 +203,7 @@ def test_supernode_with_an_unregistered_key_is_refused(tls_federation, tmp_path)
     key = node_keys(tmp_path / "stranger.key")[0]
     cmd = supernode_command(tls_federation.address, free_port(), PARTITIONS[0], (tls_federation.tls.ca, key))
     res = subprocess.run([*cmd, "--max-retries", "0"], env=tls_federation.env, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=PATIENCE_S)
     assert res.returncode != 0 and "Failed to activate SuperNode" in res.stdout + res.stderr, res.stderr[-2000:]
 
 
@@ -245,7 +246,7 @@ def test_trip_flower_wait_exits_non_zero_for_a_failed_run(cfg, tls_federation, t
 def test_stopping_the_federation_stops_every_process(tls_federation):
     """Last in the module: the federation's teardown finds nothing left to stop."""
     procs = [*tls_federation.superlink, *(p for pair in tls_federation.nodes for p in pair)]
-    deadline = time.monotonic() + 300  # run alone, the workers may still be importing
+    deadline = time.monotonic() + PATIENCE_S  # run alone, the workers may still be importing
     while "forked worker1" not in (tls_federation.logs / "workers.log").read_text() and time.monotonic() < deadline:
         time.sleep(0.2)
     tree = [pid for p in procs for pid in [p.pid, *descendants(p.pid)]]

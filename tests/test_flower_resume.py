@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from patience import PATIENCE_S
 from safetensors.torch import load_file
 
 from trip.checkpoint import RunCheckpoints
@@ -41,13 +42,13 @@ def _run(config: Path, out: Path, *extra: str) -> subprocess.Popen:
 
 
 def _finish(proc: subprocess.Popen) -> None:
-    _, err = proc.communicate(timeout=600)
+    _, err = proc.communicate(timeout=PATIENCE_S)
     assert proc.returncode == 0, err
 
 
 def _kill_after_second_round(proc: subprocess.Popen, out: Path, label: str) -> None:
     second = out / "checkpoints" / KEYS[label] / "round-0001.safetensors"
-    deadline = time.time() + 600
+    deadline = time.time() + PATIENCE_S
     while not second.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from patience import PATIENCE_S
 from safetensors.torch import load_file
 
 from trip.checkpoint import FederationState, RunCheckpoints
@@ -29,7 +30,7 @@ TINY_TRIP = {
 
 
 def _trip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "trip.cli", *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "trip.cli", *args], capture_output=True, text=True, timeout=PATIENCE_S)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr)
     return proc
@@ -61,7 +62,7 @@ def test_sigkill_in_round_3_then_resume_equals_an_uninterrupted_run(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "trip.cli", "run", str(config), "--out", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second_round_done = killed / "checkpoints" / "trip__sketch__seed3" / "round-0001.safetensors"
-    deadline = time.time() + 240
+    deadline = time.time() + PATIENCE_S
     while not second_round_done.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)

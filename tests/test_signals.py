@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from patience import PATIENCE_S
 
 from trip.cli import main
 from trip.federation.flower.home import make_home, remove_home, remove_orphaned_homes
@@ -78,7 +79,7 @@ def flower_run_in_round_one(tmp_path: Path, ready=rounds_of) -> tuple[subprocess
     config, out, marker = tmp_path / "exp.yaml", tmp_path / "run", uuid.uuid4().hex
     config.write_text(yaml.safe_dump(CONFIG))
     proc = start_trip(["run", str(config), "--engine", "flower", "--out", str(out)], marker)
-    wait_until(lambda: ready(out) or proc.poll() is not None, 240, "round 1")
+    wait_until(lambda: ready(out) or proc.poll() is not None, PATIENCE_S, "round 1")
     assert proc.poll() is None, proc.stderr.read()
     homes = {env["FLWR_HOME"] for pid, env in marked(marker).items() if pid != proc.pid and "FLWR_HOME" in env}
     assert len(homes) == 1
@@ -114,7 +115,7 @@ def test_sigterm_during_a_round_stops_every_flower_process_and_resume_gives_the_
     assert len(started) >= 9  # trip, the SuperLink, its ServerApp worker, 3 SuperNodes and their workers
     assert lock_holders(out, started) == [proc.pid]  # the run folder's lock stays with trip
     os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert proc.wait(timeout=PATIENCE_S) == 128 + signal.SIGTERM
     err = proc.stderr.read()
     assert "Traceback" not in err
     assert f"interrupted (SIGTERM): no run in {out} had finished yet; " in err
@@ -137,7 +138,7 @@ def test_sigkill_of_trip_takes_every_flower_process_with_it(tmp_path):
     proc.kill()
     proc.wait()
     try:
-        wait_until(lambda: not marked(marker), 10, "every process of the killed trip gone")
+        wait_until(lambda: not marked(marker), PATIENCE_S, "every process of the killed trip gone")
     finally:
         for pid in marked(marker):  # only if the check failed: leave nothing behind
             os.kill(pid, signal.SIGKILL)
@@ -174,7 +175,7 @@ def test_a_spawned_process_dies_with_the_process_that_spawned_it(tmp_path):
     parent.kill()
     parent.wait()
     try:
-        wait_until(lambda: not marked(marker), 10, "the sleep gone with its parent")
+        wait_until(lambda: not marked(marker), PATIENCE_S, "the sleep gone with its parent")
     finally:
         for pid in marked(marker):
             os.kill(pid, signal.SIGKILL)
@@ -194,12 +195,12 @@ def test_trip_flower_supernode_takes_its_supernode_and_worker_along(tmp_path, si
                        "--ca", str(tmp_path / "certs" / "ca.crt"), "--key", str(tmp_path / "certs" / "node0.key"),
                        "--domain", "sketch", "--data-root", str(tmp_path), "--runtime-port", str(free_port())],
                       marker)
-    wait_until(lambda: len(marked(marker)) == 3 or proc.poll() is not None, 60, "the SuperNode and its worker")
+    wait_until(lambda: len(marked(marker)) == 3 or proc.poll() is not None, PATIENCE_S, "the SuperNode and its worker")
     assert proc.poll() is None, proc.stderr.read()
     os.killpg(proc.pid, sig)
-    assert proc.wait(timeout=60) == (128 + sig if sig == signal.SIGTERM else -sig)
+    assert proc.wait(timeout=PATIENCE_S) == (128 + sig if sig == signal.SIGTERM else -sig)
     try:
-        wait_until(lambda: not marked(marker), 10, "the SuperNode and its worker gone")
+        wait_until(lambda: not marked(marker), PATIENCE_S, "the SuperNode and its worker gone")
     finally:
         for pid in marked(marker):
             os.kill(pid, signal.SIGKILL)

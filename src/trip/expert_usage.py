@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from trip import safefile
 from trip.methods.trip import Trip
 from trip.workspace import Workspace
 
@@ -38,5 +39,5 @@ def _usage(weights: Tensor) -> dict:
 
 def write(workspace: Workspace, out_dir: Path) -> Path:
     path = out_dir / EXPERT_USAGE_FILE
-    path.write_text(json.dumps(expert_usage(workspace), indent=2))
+    safefile.write_text(path, json.dumps(expert_usage(workspace), indent=2))
     return path

@@ -120,7 +120,7 @@ class FrozenStore:
                                   patch_path if build_patches else None, meta)
             if missing:
                 cached = {**cached, **fresh}  # keeps what earlier runs computed for other inputs
-                safefile.write_tensors(path, cached, meta)
+                safefile.store_in_cache(lambda: safefile.write_tensors(path, cached, meta), "frozen features", path)
             if build_patches:
                 patches = PatchFile.open(patch_path, meta, rebuild)
         return DomainFeatures(cached["features"], cached.get("cls") if inputs.cls else None,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from trip.config import ExperimentCfg, method_label
 from trip.data.datasets import get_dataset
-from trip.results import cell, markdown_table, text_table
+from trip.results import cell, markdown_table, text_table, write_run_file
 
 # results.json entry key of the per-domain accuracies -> (the key of their mean, what the table shows)
 TABLES = {
@@ -75,5 +75,5 @@ def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict]) -> str:
         *tables(runs, domains, labels, planned_seeds=len(cfg.seeds), heading="##"),
         "",
     ])
-    (out / "summary.md").write_text(text)
+    write_run_file(out / "summary.md", text)
     return text

@@ -31,7 +31,8 @@ def pretrained_tiny_clip() -> tuple[open_clip.model.CLIP, str]:
     if not (path.is_file() and _load(model, path)):
         model = new_tiny_clip()  # a failed load may have filled part of it
         pretrain(model)
-        safefile.write_tensors(path, model.state_dict())
+        safefile.store_in_cache(lambda: safefile.write_tensors(path, model.state_dict()), "pretrained tiny CLIP",
+                                path)
     return model, f"tiny:synthetic-{key}"
 
 

@@ -279,3 +279,13 @@ def test_a_read_only_complete_cache_is_used_and_never_written(tmp_path, monkeypa
             json.loads((tmp_path / "a" / "results.json").read_text())["runs"][0]["acc"]
     finally:
         subprocess.run(["umount", str(shared)], check=True)
+
+
+def test_patch_tokens_that_a_full_cache_cannot_take_are_one_message(data, tiny_backbone, small_disk):
+    """They stream to disk (never whole in RAM), so they are the one cache a run cannot do without."""
+    from trip.errors import TripError
+
+    store = FrozenStore(tiny_backbone, small_disk)
+    with pytest.raises(TripError, match=r"cannot write the patch-token cache .*photo-.*\.patches: No space left"):
+        store.load("synthetic", scan_domain(data, "photo", CLASSES), Inputs(patches=True))
+    assert not [p for p in small_disk.rglob("*") if p.is_file()]

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from trip import routing, safefile
 from trip.backbone import Backbone, load_image
 from trip.data.folder import Domain
-from trip.errors import TripError
+from trip.errors import TripError, cannot_write
 from trip.patchcache import PatchFile, RawWriter
 
 
@@ -138,22 +138,27 @@ class FrozenStore:
                             num_workers=_workers(len(domain)))
         raw = RawWriter(patch_path, meta) if patch_path is not None else contextlib.nullcontext()
         start = 0
-        with raw:
-            for pixels in tqdm(loader, desc=f"frozen features {domain.name}", leave=False):
-                feats, tokens = self.backbone.encode_images(pixels)
-                batch_ids = ids[start:start + len(pixels)]
-                start += len(pixels)
-                out["features"].append(feats.cpu())
-                if cls:
-                    out["cls"].append(tokens[:, 0].cpu())
-                if patch_path is not None:
-                    raw.write(self.backbone.project_patches(tokens))
-                for spec in specs:
-                    k = spec.key()
-                    w = routing.route(tokens, keys[k].to(tokens.device), spec.capacity, image_ids=batch_ids,
-                                      seed=spec.key_seed, run=spec.run, assignment=spec.assignment,
-                                      max_iters=spec.iters)
-                    out[k].append(w.float().cpu())
+        try:  # the patch tokens stream to their file: a full or read-only cache stops the pass
+            with raw:
+                for pixels in tqdm(loader, desc=f"frozen features {domain.name}", leave=False):
+                    feats, tokens = self.backbone.encode_images(pixels)
+                    batch_ids = ids[start:start + len(pixels)]
+                    start += len(pixels)
+                    out["features"].append(feats.cpu())
+                    if cls:
+                        out["cls"].append(tokens[:, 0].cpu())
+                    if patch_path is not None:
+                        raw.write(self.backbone.project_patches(tokens))
+                    for spec in specs:
+                        k = spec.key()
+                        w = routing.route(tokens, keys[k].to(tokens.device), spec.capacity, image_ids=batch_ids,
+                                          seed=spec.key_seed, run=spec.run, assignment=spec.assignment,
+                                          max_iters=spec.iters)
+                        out[k].append(w.float().cpu())
+        except OSError as err:
+            if patch_path is None:
+                raise
+            raise cannot_write(patch_path, err, "the patch-token cache") from None
         return {k: torch.cat(v) for k, v in out.items()}
 
 

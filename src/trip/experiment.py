@@ -66,10 +66,11 @@ def _check_secure_aggregation(ws: Workspace, engine: str) -> None:
     clients weigh together, each domain's node under `flower`, each client its own virtual node under
     `flower-sim`."""
     for seed in ws.cfg.seeds:
+        clients = {d: ws.domain_clients(d, seed) for d in ws.dataset.domains}
         for target in targets_of(ws.cfg, ws.dataset):
-            clients = [ws.domain_clients(d, seed) for d in ws.dataset.domains if d != target]
-            weights = {client_domain(cs[0].name): [c.weight for c in cs] for cs in clients} \
-                if engine != "flower-sim" else {c.name: [c.weight] for cs in clients for c in cs}
+            sources = [clients[d] for d in ws.dataset.domains if d != target]
+            weights = {client_domain(cs[0].name): [c.weight for c in cs] for cs in sources} \
+                if engine != "flower-sim" else {c.name: [c.weight] for cs in sources for c in cs}
             secure.check(ws.cfg.federation, ws.methods, weights)
 
 
@@ -77,10 +78,11 @@ def _check_clients(ws: Workspace, out: Path, clients: dict) -> None:
     """Refuses what no run could start with: a method that cannot serve the run's number of clients, and a run
     folder whose clients were formed from other images (an image added, removed or renamed since it began: its
     finished entries and checkpoints would not be comparable)."""
-    for seed in ws.cfg.seeds:
-        for target in targets_of(ws.cfg, ws.dataset):
-            for method in ws.methods:
-                method.check_clients(len(ws.clients(target, seed)))
+    per_domain = ws.cfg.federation.clients_per_domain
+    for target in targets_of(ws.cfg, ws.dataset):
+        sources = [d for d in ws.dataset.domains if d != target]
+        for method in ws.methods:
+            method.check_clients(len(sources) * per_domain)
     changed = _changed_clients(_read_clients(out / CLIENTS_FILE), json.loads(results.strict_json(clients)))
     if changed:
         raise TripError(f"the images of the run in {out} changed since it began: client(s) {', '.join(changed[:5])}"

@@ -157,7 +157,7 @@ def test_concurrent_synthetic_sets_with_other_settings_are_both_right(tmp_path):
         alone = write_domains(tmp_path / f"alone{n}", images_per_class=n, seed=0)
         files = sorted(p.relative_to(out) for p in Path(out).rglob("*") if p.is_file())
         assert files == sorted(p.relative_to(alone) for p in alone.rglob("*") if p.is_file())
-        assert len(files) == len(DOMAINS) * len(CLASSES) * n + 1  # + manifest.json
+        assert len(files) == len(DOMAINS) * len(CLASSES) * n + 2  # + manifest.json, images.txt
         assert all((Path(out) / f).read_bytes() == (alone / f).read_bytes() for f in files)
     assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == sorted({Path(o).name for o in outs})
 

@@ -179,3 +179,43 @@ def test_set_takes_several_pairs_at_once_and_again(capsys):
     plan = capsys.readouterr().out
     assert "2 seed(s) [0, 5]" in plan and "; 4 rounds × " in plan
     assert re.search(r"\n  photo +18 ", plan), plan
+
+
+def test_numbers_that_cannot_be_used_are_refused(tmp_path, capsys):
+    """.inf passed `gt=0` and reached numpy's Dirichlet draw; a negative timeout or key count was taken as given."""
+    _refused(capsys, _dry(DEMO, "federation.partition=dirichlet", "federation.dirichlet_alpha=.inf"),
+             "federation.dirichlet_alpha", "finite number")
+    _refused(capsys, _dry(DEMO, "train.lr=.nan"), "train.lr", "finite number")
+    for argv, fragment in [(["flower", "run-config", str(DEMO), "--target", "photo", "--round-timeout", "-5"],
+                            "--round-timeout: -5 is not a positive number of seconds"),
+                           (["flower", "run-config", str(DEMO), "--target", "photo", "--min-clients", "0"],
+                            "--min-clients: 0 is below 1"),
+                           (["flower", "certs", str(tmp_path / "certs"), "--nodes", "-1"], "--nodes: -1 is below 0"),
+                           (["flower", "superlink", "--certs", str(tmp_path), "--port", "70000"], "not a port")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and fragment in capsys.readouterr().err
+    assert not (tmp_path / "certs").exists()
+
+
+def test_secure_aggregation_in_process_is_refused_before_the_data_are_prepared(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("trip.experiment.prepare", lambda cfg: pytest.fail("prepared the data first"))
+    _refused(capsys, ["run", str(DEMO), "--out", str(tmp_path / "run"), "--set", "federation.secure_aggregation=true"],
+             "needs a Flower engine")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_data_root_for_the_synthetic_set_is_refused_not_made(tmp_path, capsys):
+    missing = tmp_path / "no" / "such"
+    _refused(capsys, ["run", str(DEMO), "--data-root", str(missing), "--out", str(tmp_path / "run")],
+             f"data root {missing} does not exist")
+    assert not (tmp_path / "no").exists()
+
+
+def test_certs_refuse_a_symbolic_link_in_their_folder(tmp_path, capsys):
+    folder, outside = tmp_path / "certs", tmp_path / "outside.key"
+    folder.mkdir()
+    (folder / "ca.key").symlink_to(outside)  # dangling: `exists()` is False
+    _refused(capsys, ["flower", "certs", str(folder)], "symbolic links ca.key")
+    _refused(capsys, ["flower", "certs", str(folder), "--force"], "symbolic links ca.key")
+    assert not outside.exists() and [p.name for p in folder.iterdir()] == ["ca.key"]

@@ -36,3 +36,10 @@ def test_table_estimate_counts_the_protocol():
     assert t["eval_images"] == pytest.approx(15 * 2 * (0.2 * 3 * total + total))
     seconds = t["train_images"] + t["eval_images"] + 2 * total + total
     assert t["fast_hours"] == pytest.approx(seconds / 3600)
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("trip.bench.run", lambda *a, **k: pytest.fail("measured first"))
+    (tmp_path / "file").write_text("x")
+    assert main(["bench", "--device", "cpu", "--tiny", "--out", str(tmp_path / "file" / "bench.json")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

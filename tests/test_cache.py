@@ -159,7 +159,7 @@ def test_concurrent_synthetic_sets_with_other_settings_are_both_right(tmp_path):
         alone = write_domains(tmp_path / f"alone{n}", images_per_class=n, seed=0)
         files = sorted(p.relative_to(out) for p in Path(out).rglob("*") if p.is_file())
         assert files == sorted(p.relative_to(alone) for p in alone.rglob("*") if p.is_file())
-        assert len(files) == len(DOMAINS) * len(CLASSES) * n + 1  # + manifest.json
+        assert len(files) == len(DOMAINS) * len(CLASSES) * n + 2  # + manifest.json, images.txt
         assert all((Path(out) / f).read_bytes() == (alone / f).read_bytes() for f in files)
     assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == sorted({Path(o).name for o in outs})
 
@@ -205,3 +205,90 @@ def test_patch_tokens_are_read_per_batch_and_a_bad_chunk_is_rebuilt(data, tiny_b
     assert torch.equal(fresh.rows(torch.tensor([0])), patches.rows(torch.tensor([0])))  # chunk 0 is fine
     assert torch.equal(fresh.rows(torch.tensor([5, 4])), want.flip(0))
     assert f"warning: patch-token cache {path} is corrupt (chunk 1" in capsys.readouterr().err
+
+
+def test_a_deleted_or_added_image_of_the_synthetic_set_gets_it_drawn_again(tmp_path, capsys):
+    """Used as it was, the set scored a held-out domain on 71 images instead of 72 (issue 22)."""
+    folder = write_domains(tmp_path, images_per_class=2, seed=0)
+    image = folder / "photo" / "circle" / "photo_circle_0001.png"
+    drawn = image.read_bytes()
+    image.unlink()
+    (folder / "sketch" / "star" / "extra.png").write_bytes(drawn)
+    assert write_domains(tmp_path, images_per_class=2, seed=0) == folder
+    assert "differs from the images drawn into it" in capsys.readouterr().err
+    assert image.read_bytes() == drawn and not (folder / "sketch" / "star" / "extra.png").exists()
+    assert all(len(scan_domain(folder, d, CLASSES)) == 2 * len(CLASSES) for d in DOMAINS)
+
+
+def _mount(*args: str) -> None:
+    if os.geteuid() != 0 or subprocess.run(["mount", *args], capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount (a real full or read-only file system)")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 kB tmpfs: a real ENOSPC without filling a disk."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk))
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_while_drawing_the_synthetic_set_is_one_message_and_leaves_nothing(small_disk, capsys):
+    from trip.errors import TripError
+
+    with pytest.raises(TripError) as err:
+        write_domains(small_disk, images_per_class=20, seed=0)
+    message = str(err.value)
+    assert message.startswith(f"cannot write the synthetic data set {small_disk}/synthetic-") and \
+        "No space left on device" in message and "MB free there" in message
+    assert list(small_disk.iterdir()) == []
+
+
+def test_a_full_disk_keeps_a_run_file_as_it_was(small_disk):
+    from trip.errors import TripError
+
+    (small_disk / "clients.json").write_text("old")
+    with pytest.raises(TripError, match=f"cannot write {small_disk / 'clients.json'}: No space left on device; "
+                                        f"it needs 0.1 MB free there"):
+        safefile.write_text(small_disk / "clients.json", "x" * 100_000)
+    assert [p.name for p in small_disk.iterdir()] == ["clients.json"]
+    assert (small_disk / "clients.json").read_text() == "old"
+
+
+def test_a_read_only_complete_cache_is_used_and_never_written(tmp_path, monkeypatch, capsys):
+    """A shared cluster's cache, filled once and mounted read-only (here under another path, so that the image
+    check, keyed by the data's real path, misses): the run uses it and notes what it could not store."""
+    from trip.cli import main
+
+    cfg = {"name": "ro", "seeds": [0], "device": "cpu", "backbone": {"name": "tiny", "pretrained": None},
+           "data": {"name": "synthetic", "images_per_class": 2, "targets": ["sketch"]},
+           "train": {"rounds": 1, "batch_size": 8}, "methods": [{"name": "zeroshot"}]}
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    filled, shared = tmp_path / "filled", tmp_path / "shared"
+    monkeypatch.setenv("TRIP_CACHE", str(filled))
+    assert main(["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "a")]) == 0
+    shared.mkdir()
+    _mount("--bind", str(filled), str(shared))
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(shared)], check=True)
+        monkeypatch.setenv("TRIP_CACHE", str(shared))
+        capsys.readouterr()
+        assert main(["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "b")]) == 0
+        err = capsys.readouterr().err
+        assert "the image check was not stored" in err and "Read-only file system" in err
+        assert json.loads((tmp_path / "b" / "results.json").read_text())["runs"][0]["acc"] == \
+            json.loads((tmp_path / "a" / "results.json").read_text())["runs"][0]["acc"]
+    finally:
+        subprocess.run(["umount", str(shared)], check=True)
+
+
+def test_patch_tokens_that_a_full_cache_cannot_take_are_one_message(data, tiny_backbone, small_disk):
+    """They stream to disk (never whole in RAM), so they are the one cache a run cannot do without."""
+    from trip.errors import TripError
+
+    store = FrozenStore(tiny_backbone, small_disk)
+    with pytest.raises(TripError, match=r"cannot write the patch-token cache .*photo-.*\.patches: No space left"):
+        store.load("synthetic", scan_domain(data, "photo", CLASSES), Inputs(patches=True))
+    assert not [p for p in small_disk.rglob("*") if p.is_file()]

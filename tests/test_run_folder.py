@@ -167,3 +167,74 @@ def test_default_run_folders_started_in_the_same_second_differ(tmp_path, monkeyp
     folders = [_default_out("exp") for _ in range(3)]
     assert [f.name for f in folders] == ["exp-20260101-000000", "exp-20260101-000000-2", "exp-20260101-000000-3"]
     assert all(f.is_dir() for f in folders)
+
+
+@pytest.mark.parametrize("refused, message, fix", [
+    (["federation.clients_per_domain=50"], "too few for 50 clients", ["federation.clients_per_domain=2"]),
+    (["methods=[{name: fedapt, n_ctx: 2, sources: 5}]"], "sources is 5 but this run has 3 source clients",
+     ["methods=[{name: fedapt, n_ctx: 2, sources: 3}]"]),
+])
+def test_a_config_refused_at_start_writes_nothing_so_the_corrected_one_runs(config, tmp_path, capsys, refused,
+                                                                            message, fix):
+    out = tmp_path / "run"
+    flags = ["--set", "train.rounds=1", *(x for o in refused for x in ("--set", o))]
+    assert main(["run", str(config), "--out", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == [LOCK_FILE]
+    assert main(["run", str(config), "--out", str(out), "--set", "train.rounds=1",
+                 *(x for o in fix for x in ("--set", o))]) == 0, capsys.readouterr().err
+    assert rounds_of(out) == [0]
+
+
+def _pacs_tree(root: Path, per_class: int = 3) -> Path:
+    """A PACS-shaped tree of small images: a data set trip does not draw itself."""
+    from PIL import Image
+
+    from trip.data.datasets import get_dataset
+
+    spec = get_dataset("pacs")
+    for d, domain in enumerate(spec.domains):
+        for c, cls in enumerate(spec.classes):
+            (root / "pacs" / domain / cls).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (8, 8), (30 * c, 60 * d, 40 * i)).save(root / "pacs" / domain / cls / f"{i}.png")
+    return root
+
+
+def test_a_run_folder_whose_images_changed_is_refused_not_shrunk(tmp_path, capsys):
+    """An image deleted between a run's start and its continuation would silently change its clients and what
+    they are scored on (issue 22: 71 images instead of 72)."""
+    root = _pacs_tree(tmp_path / "data")
+    cfg = {**CONFIG, "data": {"name": "pacs", "root": str(root), "targets": ["sketch"]},
+           "train": {**CONFIG["train"], "rounds": 1}, "methods": [{"name": "promptfl", "n_ctx": 2}]}
+    (tmp_path / "pacs.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["run", str(tmp_path / "pacs.yaml"), "--out", str(out)]) == 0
+    before = (out / "results.json").read_text()
+    (root / "pacs" / "photo" / "dog" / "1.png").unlink()
+    assert main(["run", str(tmp_path / "pacs.yaml"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "images of the run in" in err and "photo" in err and "clients.json" in err, err
+    assert (out / "results.json").read_text() == before
+
+
+@pytest.mark.parametrize("name", ["clients.json", "expert_usage.json"])
+def test_a_full_disk_at_a_run_file_is_one_message_and_leaves_no_part_of_it(config, tmp_path, capsys, monkeypatch,
+                                                                           name):
+    import errno
+
+    write_text = Path.write_text
+
+    def full(path: Path, *args, **kwargs):  # the disk fills at this file's write
+        if path.name.startswith(f".{name}."):
+            path.touch()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    out = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(out), "--set", "train.rounds=1"]) == 2
+    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()  # progress bars, then the message
+    assert err[-1].startswith(f"error: cannot write {out / name}: No space left on device; it needs ") and \
+        "Traceback" not in "".join(err), err
+    assert not (out / name).exists() and not list(out.glob(f".{name}*"))

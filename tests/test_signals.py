@@ -206,3 +206,36 @@ def test_trip_flower_supernode_takes_its_supernode_and_worker_along(tmp_path, si
             os.kill(pid, signal.SIGKILL)
     if sig == signal.SIGTERM:
         assert proc.stderr.read().strip().splitlines()[-1] == "interrupted (SIGTERM)"
+
+
+TRIP_SCRIPT = "import sys; from trip.__main__ import main; sys.exit(main())"  # what pip's `trip` script runs
+
+
+def _importing_the_cli(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Returns once the process has loaded pydantic's compiled core: trip.cli is importing (trip.config needs it),
+    past the interpreter's own start-up, which no program can guard."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if "pydantic_core" in Path(f"/proc/{proc.pid}/maps").read_text():
+            return
+        time.sleep(0.005)
+    pytest.fail("trip never imported pydantic")
+
+
+def test_ctrl_c_while_trip_starts_is_one_line_and_exit_130(tmp_path):
+    """The `trip` command's entry point (pyproject.toml) catches a Ctrl-C that comes while the CLI's modules are
+    still importing, before `trip.cli.main` arms its handlers: a 47-line traceback before (issue 22). The delays
+    after the import began span the import phase and the start of the run."""
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'trip = "trip.__main__:main"' in pyproject
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    for n, delay in enumerate((0.0, 0.2, 0.6, 1.5)):
+        argv = [sys.executable, "-c", TRIP_SCRIPT, "run", str(config), "--out", str(tmp_path / str(n))]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _importing_the_cli(proc)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and len(err.strip().splitlines()) == 1, (delay, err)
+        assert err.startswith("interrupted (SIGINT)"), err

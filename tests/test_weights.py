@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -196,3 +198,32 @@ def test_a_cached_tag_loads_from_the_cache_without_network(micro, monkeypatch):
     save_file(source.state_dict(), repo / "snapshots" / "abc123" / "open_clip_model.safetensors")
     loaded = load_backbone(BackboneCfg(name=micro, pretrained="openai"), CPU)
     assert _equal_to(loaded.model, source.state_dict()) and loaded.identity == f"{micro}:openai"
+
+
+def test_convert_checks_the_output_before_loading_and_keeps_an_existing_file_unless_forced(
+        openai_files, tmp_path, capsys, monkeypatch):
+    _, archive, _ = openai_files
+    out = tmp_path / "w.safetensors"
+    out.write_bytes(b"mine")
+    assert main(["weights", "convert", str(archive), str(out)]) == 2
+    assert f"{out} already exists" in capsys.readouterr().err and out.read_bytes() == b"mine"
+    assert main(["weights", "convert", str(archive), str(out), "--force"]) == 0
+    assert out.read_bytes() != b"mine"
+    monkeypatch.setattr(open_clip, "load_openai_model", lambda *a, **k: pytest.fail("loaded before the checks"))
+    monkeypatch.setattr(weights.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1000))
+    assert main(["weights", "convert", str(archive), str(tmp_path / "full.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'full.safetensors'}" in err and "MB free there" in err
+    assert not (tmp_path / "full.safetensors").exists()
+    read_only = tmp_path / "ro"
+    read_only.mkdir(mode=0o555)  # root writes there anyway: a read-only tmpfs stops it
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs",
+                                                    str(read_only)], capture_output=True).returncode == 0
+    try:
+        if os.geteuid() == 0 and not mounted:
+            pytest.skip("root without mount: no folder it cannot write")
+        assert main(["weights", "convert", str(archive), str(read_only / "w.safetensors")]) == 2
+        assert "cannot write there (" in capsys.readouterr().err
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(read_only)], check=True)

@@ -38,6 +38,7 @@ from trip.data.benchmarks import DOMAINNET_CLASSES, OFFICE_HOME_CLASSES
 from trip.errors import TripError
 from trip.methods.base import Split
 from trip.methods.trip import Trip, distillation_loss
+from trip.outputs import check_writable, write_text
 from trip.reference_router import reference_route
 from trip.textenc import PromptTokens, encode_prompts, encode_prompts_naive
 from trip.tinyclip import new_tiny_clip
@@ -371,11 +372,12 @@ def main(device: str | None, out: Path | None, *, tiny: bool = False, threads: i
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TripError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    if out is not None:  # before the measurements: an unwritable --out costs nothing
+        check_writable(out, "--out", "bench.json")
     settings = PRESETS["tiny" if tiny else dev.type]
     result = run(dev, settings, threads=threads if dev.type == "cpu" else None)
     print(format_report(result))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text(out, json.dumps(result, indent=2) + "\n", "--out", "bench.json")
         print(f"written: {out}")
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from trip.config import load_config
 from trip.data.tools import add_data_command
 from trip.errors import TripError
+from trip.federation import privacy, secure
 from trip.federation.flower.cli import add_parser as add_flower_command
 from trip.shared_cores import share_the_cores
 
@@ -133,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
                                  "safetensors for backbone.pretrained; prints its SHA-256 against OpenAI's URL")
     convert.add_argument("source", type=Path, help="OpenAI's file, e.g. ViT-B-16.pt (only from a trusted source)")
     convert.add_argument("out", type=Path, help="the .safetensors file to write")
+    convert.add_argument("--force", action="store_true", help="replace OUT if it exists")
     convert.set_defaults(func=_convert_weights)
     return p
 
@@ -140,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
 def _convert_weights(args: argparse.Namespace) -> int:
     from trip.weights import convert_openai
 
-    convert_openai(args.source, args.out)
+    convert_openai(args.source, args.out, force=args.force)
     return 0
 
 
@@ -148,6 +150,7 @@ def _demo(args: argparse.Namespace) -> int:
     config = resources.files("trip") / "configs" / "demo.yaml"
     with resources.as_file(config) as path:
         cfg = load_config(path, QUICK if args.quick else [])
+    _check_engine(cfg, args.engine)
     out = args.out or _default_out("demo")
     flags = (["--quick"] if args.quick else []) + (["--engine", args.engine] if args.engine != "inprocess" else [])
     again = shlex.join(["trip", "demo", *flags, "--out", str(out)])
@@ -158,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _backbone_overrides(args.backbone) + args.overrides)
     if args.data_root:
         cfg.data.root = str(args.data_root)
+    _check_engine(cfg, args.engine)
     if args.dry_run:
         from trip.plan import format_plan, make_plan
 
@@ -171,6 +175,12 @@ def _run(args: argparse.Namespace) -> int:
     out = args.out or _default_out(args.config.stem)
     again = shlex.join(["trip", "run", str(args.config), *_flags(args), "--out", str(out), "--resume"])
     return _execute(cfg, out, again, note=note, engine=args.engine, resume=args.resume, fresh=args.out is None)
+
+
+def _check_engine(cfg, engine: str) -> None:
+    """What the engine cannot run is refused at once, before torch is imported and the data prepared."""
+    privacy.check_engine(cfg, engine)
+    secure.check_engine(cfg, engine)
 
 
 def _flags(args: argparse.Namespace) -> list[str]:

@@ -27,7 +27,9 @@ def names_a_weights_file(pretrained: str) -> bool:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No .inf or .nan where a number is expected: `0 < x` lets .inf through to code that cannot use it
+    # (federation.dirichlet_alpha: .inf reached numpy's Dirichlet draw). DPCfg allows an infinite clipping_norm.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class BackboneCfg(_Strict):
@@ -156,7 +158,8 @@ class DPCfg(_Strict):
     """Client-level differential privacy of the shared tensors with Flower's fixed-clipping wrappers
     (docs/federation.md)."""
 
-    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")  # `.inf` survives the run config
+    # `.inf` clipping_norm accepted, and kept in the run config
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=True, ser_json_inf_nan="constants")
 
     mode: Literal["client", "server"]  # who clips each update: the ClientApp, or the server; the server adds noise
     clipping_norm: float = Field(gt=0)  # L2 norm each client's update (new - global tensors) is clipped to; .inf
@@ -176,7 +179,7 @@ class FederationCfg(_Strict):
 
     clients_per_domain: int = Field(1, ge=1)  # K: each source domain is split into K clients
     partition: Literal["iid", "dirichlet"] = "iid"  # how a domain's images are dealt to its K clients
-    dirichlet_alpha: float = Field(0.5, gt=0)  # label skew of `dirichlet`: smaller is more skewed
+    dirichlet_alpha: float = Field(0.5, gt=0)  # label skew of `dirichlet`: smaller is more skewed; finite
     min_client_size: int = Field(5, ge=2)  # images a client must hold; a split that cannot give them is refused
     fraction: float = Field(1.0, gt=0, le=1)  # clients sampled per round (at least one)
     drop_rate: float = Field(0.0, ge=0, lt=1)  # chance that a sampled client fails to report

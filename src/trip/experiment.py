@@ -12,19 +12,20 @@ from pathlib import Path
 
 import torch
 
-from trip import expert_usage, multidomain_results, results
+from trip import expert_usage, multidomain_results, results, safefile
 from trip.checkpoint import RunCheckpoints, run_key
 from trip.config import ALL_DOMAINS, ExperimentCfg, dump_config
-from trip.errors import TripError
+from trip.errors import TripError, cannot_write
 from trip.federation import multidomain, privacy, secure
 from trip.federation.inprocess import FederationResult, RoundLogger, run_federation
-from trip.federation.partition import client_names
+from trip.federation.partition import client_domain, client_names
 from trip.federation.rounds import select_round, selection_model
 from trip.methods.base import Method
 from trip.progress import progress
 from trip.run_lock import LOCK_FILE, run_folder_lock
 from trip.workspace import Workspace, prepare, targets_of
 
+CLIENTS_FILE = "clients.json"
 CONFIG_TMP = "config.yaml.tmp"  # a start killed while writing config.yaml may leave it; it is no content
 
 Federate = Callable[[Method, str, int, RoundLogger], FederationResult]  # (method, target, seed, log)
@@ -36,6 +37,7 @@ def run_experiment(cfg: ExperimentCfg, out: Path, *, engine: str = "inprocess", 
     last checkpoint); one that holds another config is refused. `resume` insists that there is one. The
     folder is locked for the whole run: a second writer is refused at once."""
     privacy.check_engine(cfg, engine)
+    secure.check_engine(cfg, engine)
     if engine == "flower-sim":
         from trip.federation.flower.simulation import check_ray
 
@@ -47,7 +49,10 @@ def run_experiment(cfg: ExperimentCfg, out: Path, *, engine: str = "inprocess", 
             _check_secure_aggregation(ws, engine)
         for method in ws.methods:
             privacy.check_method(method, cfg)
-        _write_config(out, cfg)  # after `prepare`: a refused start leaves none behind
+        clients = _client_lists(ws)  # refuses a domain too small for its clients
+        _check_clients(ws, out, clients)
+        _write_config(out, cfg)  # after every check: a refused start leaves none behind
+        safefile.write_text(out / CLIENTS_FILE, results.strict_json(clients))
         if engine in ("flower", "flower-sim"):
             from trip.federation.flower.engine import flower_federation, simulation_federation
 
@@ -58,13 +63,49 @@ def run_experiment(cfg: ExperimentCfg, out: Path, *, engine: str = "inprocess", 
 
 
 def _check_secure_aggregation(ws: Workspace, engine: str) -> None:
-    """A SuperNode weighs what its clients weigh together: each domain's node under `flower`, each client its own
-    virtual node under `flower-sim`."""
+    """The SuperNodes of each run (its source domains; the held-out one is none): a SuperNode weighs what its
+    clients weigh together, each domain's node under `flower`, each client its own virtual node under
+    `flower-sim`."""
     for seed in ws.cfg.seeds:
-        clients = [ws.domain_clients(d, seed) for d in ws.dataset.domains]
-        weights = {cs[0].name.split("/")[0]: [c.weight for c in cs] for cs in clients} if engine != "flower-sim" \
-            else {c.name: [c.weight] for cs in clients for c in cs}
-        secure.check(ws.cfg.federation, ws.methods, engine, weights)
+        clients = {d: ws.domain_clients(d, seed) for d in ws.dataset.domains}
+        for target in targets_of(ws.cfg, ws.dataset):
+            sources = [clients[d] for d in ws.dataset.domains if d != target]
+            weights = {client_domain(cs[0].name): [c.weight for c in cs] for cs in sources} \
+                if engine != "flower-sim" else {c.name: [c.weight] for cs in sources for c in cs}
+            secure.check(ws.cfg.federation, ws.methods, weights)
+
+
+def _check_clients(ws: Workspace, out: Path, clients: dict) -> None:
+    """Refuses what no run could start with: a method that cannot serve the run's number of clients, and a run
+    folder whose clients were formed from other images (an image added, removed or renamed since it began: its
+    finished entries and checkpoints would not be comparable)."""
+    per_domain = ws.cfg.federation.clients_per_domain
+    for target in targets_of(ws.cfg, ws.dataset):
+        sources = [d for d in ws.dataset.domains if d != target]
+        for method in ws.methods:
+            method.check_clients(len(sources) * per_domain)
+    changed = _changed_clients(_read_clients(out / CLIENTS_FILE), json.loads(results.strict_json(clients)))
+    if changed:
+        raise TripError(f"the images of the run in {out} changed since it began: client(s) {', '.join(changed[:5])}"
+                        f"{' …' if len(changed) > 5 else ''} would hold other images than {out / CLIENTS_FILE} "
+                        f"lists. Restore the data as it was, or start the run again in another --out")
+
+
+def _read_clients(path: Path) -> dict:
+    """The client lists a run folder's run began with; none where it has no readable clients.json."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _changed_clients(before: dict, now: dict) -> list[str]:
+    """The clients whose image lists differ, in any seed; none where the folder recorded none."""
+    if not before:
+        return []
+    return sorted({client for seed in before.keys() | now.keys()
+                   for client in before.get(seed, {}).keys() | now.get(seed, {}).keys()
+                   if before.get(seed, {}).get(client) != now.get(seed, {}).get(client)})
 
 
 def _in_process(ws: Workspace, out: Path) -> Federate:
@@ -81,7 +122,6 @@ def _run_all(ws: Workspace, out: Path, runs: list[dict], federate: Federate) -> 
     cfg = ws.cfg
     done = {(r["method"], r["target"], r["seed"]) for r in runs}
     classes = ws.class_split.names(ws.dataset.classes) if ws.class_split else None
-    _write_clients(ws, out)
     with (out / "rounds.jsonl").open("a") as rounds_file:
         for seed in cfg.seeds:
             for method in ws.methods:
@@ -101,12 +141,11 @@ def _run_all(ws: Workspace, out: Path, runs: list[dict], federate: Federate) -> 
     return runs
 
 
-def _write_clients(ws: Workspace, out: Path) -> None:
+def _client_lists(ws: Workspace) -> dict:
     """clients.json: per seed, each source client's train and validation images (the same for every target)."""
     targets = targets_of(ws.cfg, ws.dataset)
     sources = [d for d in ws.dataset.domains if any(t != d for t in targets)]
-    doc = {str(seed): ws.client_lists(seed, sources) for seed in ws.cfg.seeds}
-    (out / "clients.json").write_text(results.strict_json(doc))
+    return {str(seed): ws.client_lists(seed, sources) for seed in ws.cfg.seeds}
 
 
 def _claim_run_folder(cfg: ExperimentCfg, out: Path, resume: bool) -> list[dict]:
@@ -129,8 +168,12 @@ def _claim_run_folder(cfg: ExperimentCfg, out: Path, resume: bool) -> list[dict]
 
 def _write_config(out: Path, cfg: ExperimentCfg) -> None:
     tmp = out / CONFIG_TMP
-    tmp.write_text(dump_config(cfg))
-    os.replace(tmp, out / "config.yaml")  # never half a config: that would block the rerun
+    try:
+        tmp.write_text(dump_config(cfg))
+        os.replace(tmp, out / "config.yaml")  # never half a config: that would block the rerun
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise cannot_write(out / "config.yaml", err, "the run's config") from None
 
 
 def _read_text(path: Path) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from trip import safefile
 from trip.methods.trip import Trip
 from trip.workspace import Workspace
 
@@ -91,5 +92,5 @@ def collapse_warnings(usage: dict) -> list[str]:
 
 def write(workspace: Workspace, out_dir: Path) -> dict:
     usage = expert_usage(workspace)
-    (out_dir / EXPERT_USAGE_FILE).write_text(json.dumps(usage, indent=2))
+    safefile.write_text(out_dir / EXPERT_USAGE_FILE, json.dumps(usage, indent=2))
     return usage

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from trip import routing, safefile
 from trip.backbone import Backbone, load_image
 from trip.data.folder import Domain
-from trip.errors import TripError
+from trip.errors import TripError, cannot_write
 from trip.patchcache import PatchFile, RawWriter
 from trip.progress import progress
 
@@ -120,7 +120,7 @@ class FrozenStore:
                                   patch_path if build_patches else None, meta)
             if missing:
                 cached = {**cached, **fresh}  # keeps what earlier runs computed for other inputs
-                safefile.write_tensors(path, cached, meta)
+                safefile.store_in_cache(lambda: safefile.write_tensors(path, cached, meta), "frozen features", path)
             if build_patches:
                 patches = PatchFile.open(patch_path, meta, rebuild)
         return DomainFeatures(cached["features"], cached.get("cls") if inputs.cls else None,
@@ -138,22 +138,27 @@ class FrozenStore:
                             num_workers=_workers(len(domain)))
         raw = RawWriter(patch_path, meta) if patch_path is not None else contextlib.nullcontext()
         start = 0
-        with raw:
-            for pixels in progress(loader, desc=f"frozen features {domain.name}", unit="batches"):
-                feats, tokens = self.backbone.encode_images(pixels)
-                batch_ids = ids[start:start + len(pixels)]
-                start += len(pixels)
-                out["features"].append(feats.cpu())
-                if cls:
-                    out["cls"].append(tokens[:, 0].cpu())
-                if patch_path is not None:
-                    raw.write(self.backbone.project_patches(tokens))
-                for spec in specs:
-                    k = spec.key()
-                    w = routing.route(tokens, keys[k].to(tokens.device), spec.capacity, image_ids=batch_ids,
-                                      seed=spec.key_seed, run=spec.run, assignment=spec.assignment,
-                                      max_iters=spec.iters)
-                    out[k].append(w.float().cpu())
+        try:  # the patch tokens stream to their file: a full or read-only cache stops the pass
+            with raw:
+                for pixels in progress(loader, desc=f"frozen features {domain.name}", unit="batches"):
+                    feats, tokens = self.backbone.encode_images(pixels)
+                    batch_ids = ids[start:start + len(pixels)]
+                    start += len(pixels)
+                    out["features"].append(feats.cpu())
+                    if cls:
+                        out["cls"].append(tokens[:, 0].cpu())
+                    if patch_path is not None:
+                        raw.write(self.backbone.project_patches(tokens))
+                    for spec in specs:
+                        k = spec.key()
+                        w = routing.route(tokens, keys[k].to(tokens.device), spec.capacity, image_ids=batch_ids,
+                                          seed=spec.key_seed, run=spec.run, assignment=spec.assignment,
+                                          max_iters=spec.iters, tol=spec.tol)
+                        out[k].append(w.float().cpu())
+        except OSError as err:
+            if patch_path is None:
+                raise
+            raise cannot_write(patch_path, err, "the patch-token cache") from None
         return {k: torch.cat(v) for k, v in out.items()}
 
 

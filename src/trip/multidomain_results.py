@@ -8,7 +8,7 @@ from pathlib import Path
 
 from trip.config import ExperimentCfg, method_label
 from trip.data.datasets import get_dataset
-from trip.results import cell, lost_client_lines, markdown_table, text_table, warning_lines
+from trip.results import cell, lost_client_lines, markdown_table, text_table, warning_lines, write_run_file
 
 # results.json entry key of the per-domain accuracies -> (the key of their mean, what the table shows)
 TABLES = {
@@ -78,5 +78,5 @@ def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict], warnings: lis
         *lost_client_lines(out),
         *warning_lines(warnings),
     ])
-    (out / "summary.md").write_text(text)
+    write_run_file(out / "summary.md", text)
     return text

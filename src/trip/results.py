@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,13 @@ def write_results(out: Path, cfg: ExperimentCfg, runs: list[dict], skipped_image
     base and novel class names (`trip.classes`)."""
     doc = {"experiment": cfg.name, "dataset": cfg.data.name, "backbone": cfg.backbone.model_dump(),
            "skipped_images": skipped_images or {}, **({"classes": classes} if classes else {}), "runs": runs}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(strict_json(doc, indent=2))
-    os.replace(tmp, out / "results.json")
+    write_run_file(out / "results.json", strict_json(doc, indent=2))
+
+
+def write_run_file(path: Path, text: str) -> None:
+    from trip import safefile  # imports torch: not at the top, where `trip data` and `trip report` import this
+
+    safefile.write_text(path, text)
 
 
 def strict_json(value, **kwargs) -> str:
@@ -176,7 +179,7 @@ def write_summary(out: Path, cfg: ExperimentCfg, runs: list[dict], warnings: lis
         *lost_client_lines(out),
         *warning_lines(warnings),
     ])
-    (out / "summary.md").write_text(text)
+    write_run_file(out / "summary.md", text)
     return text
 
 

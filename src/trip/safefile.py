@@ -4,6 +4,7 @@ path never mix their bytes and a reader sees a whole old file or a whole new one
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
+
+from trip.errors import cannot_write
 
 
 class BadFile(Exception):
@@ -59,6 +62,15 @@ def write_json(path: Path, doc: dict) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def write_text(path: Path, text: str, what: str = "") -> None:
+    """A file of a run folder, written atomically; a failed write (disk full, read-only, no permission) is one
+    TripError naming the path and what it needs, and leaves the destination as it was."""
+    try:
+        _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    except OSError as err:
+        raise cannot_write(path, err, what, size=len(text.encode())) from None
+
+
 def read_json(path: Path) -> dict:
     try:
         outer = json.loads(path.read_text())
@@ -75,6 +87,16 @@ def warn_rebuild(what: str, path: Path, err: Exception) -> None:
     print(f"warning: {what} {path} is corrupt ({err}); rebuilding it", file=sys.stderr)
 
 
+def store_in_cache(write: Callable[[], None], what: str, path: Path) -> None:
+    """Writes a cache file where it can: a read-only or full cache (a shared one, say) costs the recomputation
+    next time, with a note naming the path, never the run."""
+    try:
+        write()
+    except OSError as err:
+        print(f"note: the {what} was not stored in {path} ({err.strerror or err}): it is used now and computed "
+              f"again next time; a writable TRIP_CACHE (with free space) keeps it", file=sys.stderr)
+
+
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
@@ -84,4 +106,5 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # none made, or a read-only folder (EROFS even for a missing file)
+            tmp.unlink()

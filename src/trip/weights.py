@@ -4,8 +4,10 @@ TorchScript archive (ViT-B-16.pt) to safetensors (`trip weights convert`), the o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +19,12 @@ from open_clip.constants import HF_WEIGHTS_NAME
 from open_clip.pretrained import _get_safe_alternatives, has_hf_hub
 from safetensors.torch import load_file, save_file
 
-from trip.errors import TripError
+from trip.errors import TripError, cannot_write
+from trip.outputs import check_writable
 
 # Entries of OpenAI's state dicts that are not weights; open_clip strips them only from TorchScript modules.
 OPENAI_METADATA = ("input_resolution", "context_length", "vocab_size")
+FP32_PER_SOURCE_BYTE = 2  # OpenAI's files hold fp16 weights; the converted file holds them in fp32
 FIX = ("set backbone.pretrained to a CLIP weights file of backbone.name (OpenAI's ViT-B-16.pt converted with "
        "`trip weights convert`, or open_clip's open_clip_pytorch_model.bin; docs/reproduce.md)")
 
@@ -118,12 +122,21 @@ def official_openai_files() -> dict[str, str]:
     return {url.split("/")[-2]: url for url in urls if "openaipublic" in url}
 
 
-def convert_openai(source: Path, out: Path, echo: Callable[[str], None] = print) -> None:
-    """OpenAI's CLIP file (a TorchScript archive, or its state dict) -> fp32 safetensors for backbone.pretrained."""
+def convert_openai(source: Path, out: Path, echo: Callable[[str], None] = print, force: bool = False) -> None:
+    """OpenAI's CLIP file (a TorchScript archive, or its state dict) -> fp32 safetensors for backbone.pretrained.
+    The output is checked before the source is loaded: an existing file is kept unless `force`, and a folder that
+    cannot be written or lacks the space is refused; a write that fails anyway leaves nothing behind."""
     if not source.is_file():
         raise TripError(f"no file at {source}: give the path of OpenAI's ViT-B-16.pt")
     if out.suffix != ".safetensors":
         raise TripError(f"{out}: name the output file *.safetensors (trip reads a file's format from its suffix)")
+    if out.exists() and not force:
+        raise TripError(f"{out} already exists: choose another name, or pass --force to replace it")
+    check_writable(out, "the output file", "ViT-B-16-openai.safetensors")
+    need = FP32_PER_SOURCE_BYTE * source.stat().st_size
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise cannot_write(out, OSError(errno.ENOSPC, f"{free / 1e6:.0f} MB free there"), size=need)
     echo(f"note: {source.name} is opened with open_clip.load_openai_model; a TorchScript archive runs code when "
          f"loaded, so convert only files from a trusted source (OpenAI's URL below)")
     digest = sha256(source)
@@ -137,10 +150,14 @@ def convert_openai(source: Path, out: Path, echo: Callable[[str], None] = print)
     except Exception as err:  # TorchScript, unpickling and open_clip's layout inference raise many kinds
         raise TripError(f"{source} is not an OpenAI CLIP file open_clip can load ({_why(err)}): get ViT-B-16.pt "
                         f"from the URL that open_clip.get_pretrained_url('ViT-B-16', 'openai') prints") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={"source_sha256": digest})
-    os.replace(tmp, out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={"source_sha256": digest})
+        os.replace(tmp, out)
+    except OSError as err:
+        raise cannot_write(out, err, size=need) from None
+    finally:
+        tmp.unlink(missing_ok=True)
     echo(f"wrote {out}: set backbone.pretrained to this file")
 
 

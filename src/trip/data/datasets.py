@@ -83,10 +83,13 @@ def get_dataset(name: str) -> DatasetSpec:
 
 def dataset_root(spec: DatasetSpec, root: str | None, images_per_class: int, seed: int, shift: float = 1.0) -> Path:
     """The folder holding `<domain>/<class>/<image>` for this data set. The synthetic set is written on
-    first use, under `root` (or the cache) in a folder named by its settings (`synthetic.folder_name`); real
-    ones are looked up under `root` (or $TRIP_DATA) by any of their folder names."""
+    first use, under `root` (a folder that exists) or the cache, in a folder named by its settings
+    (`synthetic.folder_name`); real ones are looked up under `root` (or $TRIP_DATA) by any of their folder names."""
     if spec.name == "synthetic":
-        base = Path(root) if root else cache_dir() / "data"
+        base = Path(root).expanduser() if root else cache_dir() / "data"
+        if root and not base.is_dir():  # a mistyped root must not become a new folder somewhere
+            raise TripError(f"data root {base} does not exist: make that folder first, or leave --data-root and "
+                            f"data.root unset to draw the synthetic set in the cache")
         return synthetic.write_domains(base, images_per_class=images_per_class, seed=seed, shift=shift)
     base_str = root or os.environ.get("TRIP_DATA")
     if not base_str:

@@ -136,7 +136,8 @@ def cached_unreadable(dataset: str, root: Path, domain: Domain) -> dict[str, str
         rechecked = {p: image_problem(root / p) for p in cached}
         return {p: why for p, why in rechecked.items() if why is not None}
     bad = find_unreadable(root, domain.paths, desc=f"checking images of {domain.name}")
-    safefile.write_json(path, {"paths_sha256": digest, "count": len(domain), "bad": bad})
+    doc = {"paths_sha256": digest, "count": len(domain), "bad": bad}
+    safefile.store_in_cache(lambda: safefile.write_json(path, doc), "image check", path)
     return bad
 
 

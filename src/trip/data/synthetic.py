@@ -10,12 +10,15 @@ import colorsys
 import json
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from trip.errors import cannot_write
 
 GENERATOR_VERSION = 3
 CLASSES = ("circle", "square", "triangle", "star", "cross", "heart")
@@ -217,29 +220,54 @@ def folder_name(images_per_class: int, seed: int, size: int = 32, shift: float =
 def write_domains(root: Path, images_per_class: int, seed: int, size: int = 32, shift: float = 1.0) -> Path:
     """Write ``<root>/<folder_name>/<domain>/<class>/<domain>_<class>_<i:04d>.png`` and return that folder.
 
-    A folder that exists is complete: the set is drawn into a temporary folder beside it and renamed into
-    place, so concurrent runs never see half a set, and the loser of a race uses the winner's folder."""
+    The set is drawn into a temporary folder beside it and renamed into place, so concurrent runs never see half
+    a set, and the loser of a race uses the winner's folder. A folder whose files differ from the list drawn
+    (`IMAGES_FILE`: an image deleted, added or resized by hand) is drawn again, never used shrunk. A full or
+    read-only disk is one TripError naming the folder; nothing is left half-written."""
     root = Path(root)
     out = root / folder_name(images_per_class, seed, size, shift)
     manifest = {"generator_version": GENERATOR_VERSION, "seed": seed, "size": size, "shift": shift,
                 "images_per_class": images_per_class, "classes": list(CLASSES), "domains": list(DOMAINS)}
-    if _manifest(out) == manifest:
+    if _complete(out, manifest):
         return out
-    root.mkdir(parents=True, exist_ok=True)
+    if _manifest(out) == manifest:
+        print(f"note: the synthetic data set {out} differs from the images drawn into it (one deleted, added or "
+              f"changed in size); drawing it again", file=sys.stderr)
     tmp = root / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
+        root.mkdir(parents=True, exist_ok=True)
         _draw_domains(tmp, images_per_class, seed, size, shift)
+        (tmp / IMAGES_FILE).write_text("".join(line + "\n" for line in _listing(tmp)))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if out.exists() and _manifest(out) != manifest:  # not made by this function: edited or cut short by hand
+        if out.exists() and not _complete(out, manifest):  # not made by this function: edited or cut short by hand
             shutil.rmtree(out)
         try:
             os.rename(tmp, out)
         except OSError:  # another process renamed its copy into place first
-            if _manifest(out) != manifest:
+            if not _complete(out, manifest):
                 raise
+    except OSError as err:
+        size_bound = len(DOMAINS) * len(CLASSES) * images_per_class * size * size * 3  # uncompressed pixels
+        raise cannot_write(out, err, "the synthetic data set", size=size_bound) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+IMAGES_FILE = "images.txt"  # every image file of a drawn set and its size: what `_complete` compares
+
+
+def _complete(folder: Path, manifest: dict) -> bool:
+    try:
+        return _manifest(folder) == manifest and (folder / IMAGES_FILE).read_text().splitlines() == _listing(folder)
+    except OSError:
+        return False
+
+
+def _listing(folder: Path) -> list[str]:
+    """`<domain>/<class>/<file> <size>` of every file in the set's domain folders, sorted."""
+    return sorted(f"{p.relative_to(folder).as_posix()} {p.stat().st_size}" for d in DOMAINS
+                  for p in (folder / d).rglob("*") if p.is_file())
 
 
 def _manifest(folder: Path) -> dict | None:

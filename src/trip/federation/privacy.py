@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from trip.config import DPCfg, ExperimentCfg
 from trip.errors import TripError
-from trip.methods.base import Method
+
+if TYPE_CHECKING:  # the CLI checks the engine before torch is imported
+    from trip.methods.base import Method
 
 Release = tuple[float, float]  # one noised aggregate: (sample rate, noise multiplier)
 

@@ -7,17 +7,25 @@ data), pre-scales the sum by its weight, and only the sum over the nodes is ever
 
 from __future__ import annotations
 
-from trip.config import FederationCfg, SecAggCfg
+from typing import TYPE_CHECKING
+
+from trip.config import ExperimentCfg, FederationCfg, SecAggCfg
 from trip.errors import TripError
-from trip.methods.base import Method
+
+if TYPE_CHECKING:  # the CLI checks the engine before torch is imported
+    from trip.methods.base import Method
 
 
-def check(fed: FederationCfg, methods: list[Method], engine: str, node_weights: dict[str, list[int]]) -> None:
-    """Refuse what secure aggregation cannot do. `node_weights`: per SuperNode (source domain), the FedAvg
-    weights of its clients, where the caller knows them (a deployed ServerApp does not)."""
-    if engine == "inprocess":
+def check_engine(cfg: ExperimentCfg, engine: str) -> None:
+    if cfg.federation.secure_aggregation and engine == "inprocess":
         raise TripError("federation.secure_aggregation needs a Flower engine: run with --engine flower or flower-sim "
                         "(in one process every client's update is in the server's hands anyway)")
+
+
+def check(fed: FederationCfg, methods: list[Method], node_weights: dict[str, list[int]]) -> None:
+    """Refuse what secure aggregation cannot do. `node_weights`: per SuperNode of a run (a source domain, or a
+    client under flower-sim), the FedAvg weights of its clients, where the caller knows them (a deployed
+    ServerApp does not)."""
     for method in methods:
         if method.upload_params:
             raise TripError(f"method {method.label} uploads each client's tensors for the held-out domain "

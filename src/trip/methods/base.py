@@ -7,6 +7,7 @@ A method declares, besides its forward pass (`loss`, `logits`):
 - `init_params(seed)`: the tensors that travel each round (their count: `count_params`);
 - `init_private(seed, client, clients)`: tensors a client keeps across rounds and never sends; a client trains
   them with the shared ones (`loss` gets both in one dict), an engine keeps them and checkpoints them;
+  `check_clients(clients)` refuses, before a run starts, a number of clients it cannot serve;
 - `target_upload(private)` and `target_model(shared, uploads)`: how the held-out domain is predicted when that
   differs from how clients train. A client uploads `target_upload` once (counted by `count_upload`, apart from the
   per-round cost); `target_model` builds the deployed model from the shared tensors and every client's upload.
@@ -155,6 +156,9 @@ class Method:
 
     def init_params(self, seed: int) -> Tensors:
         return {}
+
+    def check_clients(self, clients: int) -> None:
+        """Refuses (TripError) a run of `clients` source clients that the method cannot train; any by default."""
 
     def init_private(self, seed: int, client: int, clients: int) -> Tensors:
         return {}

@@ -44,13 +44,16 @@ class FedAPT(Method):
         ctx = gaussian_init((len(self.class_names), self.cfg.n_ctx, e), seed, self.backbone.device)
         return {"ctx": ctx, "q": q.to(self.backbone.device)}
 
-    def init_private(self, seed: int, client: int, clients: int) -> Tensors:
-        """The client's domain index (its key is `self.keys[index]`); the loss never differentiates it."""
+    def check_clients(self, clients: int) -> None:
         if clients != self.cfg.sources:
             raise TripError(f"{self.label}: sources is {self.cfg.sources} but this run has {clients} source clients; "
                             f"set `sources: {clients}` in the method's config (the run's clients: the data set's "
                             f"domains minus one, or all of them under protocol multidomain, times "
                             f"federation.clients_per_domain)")
+
+    def init_private(self, seed: int, client: int, clients: int) -> Tensors:
+        """The client's domain index (its key is `self.keys[index]`); the loss never differentiates it."""
+        self.check_clients(clients)
         return {"domain": torch.tensor([float(client)], device=self.backbone.device)}
 
     def loss(self, params: Tensors, batch: Split) -> torch.Tensor:

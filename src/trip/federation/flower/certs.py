@@ -31,6 +31,10 @@ def make_certs(folder: Path, hosts: list[str], nodes: int, force: bool = False) 
         raise TripError(f"{folder} is a file: give `trip flower certs` a folder (it makes it if needed)")
     names = ["ca.crt", "ca.key", "server.pem", "server.key",
              *(f"node{i}.{ext}" for i in range(nodes) for ext in ("key", "pub"))]
+    links = [name for name in names if (folder / name).is_symlink()]
+    if links:  # even a dangling one: writing through it would put a private key outside the folder
+        raise TripError(f"{folder} holds symbolic links {', '.join(links)}: `trip flower certs` writes its keys only "
+                        f"as files of their own in the folder; remove the links (or choose another folder)")
     existing = [name for name in names if (folder / name).exists()]
     if existing and not force:
         raise TripError(f"{folder} already holds {', '.join(existing)}: new ones would lock out the SuperNodes "
@@ -106,7 +110,8 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)  # never readable
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW  # a link put there since the check is refused
+    fd = os.open(path, flags, 0o600 if private else 0o644)  # never readable
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     if private:

@@ -17,14 +17,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     certs.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
                        help="a name or IP the SuperNodes use to reach the SuperLink (repeatable; "
                             "localhost and 127.0.0.1 are always included)")
-    certs.add_argument("--nodes", type=int, default=4, help="SuperNode key pairs to make (default 4)")
+    certs.add_argument("--nodes", type=_at_least(0), default=4, help="SuperNode key pairs to make (default 4)")
     certs.add_argument("--force", action="store_true", help="replace the CA and keys already in DIR")
     certs.set_defaults(func=_certs)
 
     link = cmds.add_parser("superlink", help="start a SuperLink with TLS and SuperNode authentication")
     link.add_argument("--certs", type=Path, required=True, help="folder of `trip flower certs`")
     link.add_argument("--host", default="0.0.0.0")
-    link.add_argument("--port", type=int, default=9092)
+    link.add_argument("--port", type=_port, default=9092)
     link.add_argument("--database", default=None, help="SQLite file for the SuperLink state (default: memory)")
     link.set_defaults(func=_superlink)
 
@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--domain", required=True, help="the domain this site holds, e.g. sketch")
     node.add_argument("--data-root", type=Path, required=True, help="folder holding the data set folder")
     node.add_argument("--dataset", help="the data set this site holds (runs on another one are refused)")
-    node.add_argument("--runtime-port", type=int, default=9094, help="local port of the SuperNode Runtime API")
+    node.add_argument("--runtime-port", type=_port, default=9094, help="local port of the SuperNode Runtime API")
     node.add_argument("--state-dir", type=Path, help="where this site keeps its clients' private tensors so that a "
                                                      "run resumes (default: <data-root>/.trip-state)")
     node.set_defaults(func=_supernode)
@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                         "(`flwr run` exits 0 even when the run fails)")
     wait.add_argument("run_id", type=int, metavar="RUN_ID")
     wait.add_argument("connection", metavar="CONNECTION", help="the SuperLink connection of `flwr run`, e.g. trip")
-    wait.add_argument("--poll", type=float, default=5.0, help="seconds between two status checks")
+    wait.add_argument("--poll", type=_seconds, default=5.0, help="seconds between two status checks")
     wait.set_defaults(func=_wait)
 
     rc = cmds.add_parser("run-config", help="write the run config (TOML) of one run for `flwr run --run-config`")
@@ -62,14 +62,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rc.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                     help="override config keys, as `trip run --set`")
     rc.add_argument("--out-dir", default="", help="where the ServerApp writes its results (SuperLink machine)")
-    rc.add_argument("--min-clients", type=int, default=1, help="valid updates a round needs (default 1)")
-    rc.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for a round's replies")
-    rc.add_argument("--connect-timeout", type=float, default=120.0,
+    rc.add_argument("--min-clients", type=_at_least(1), default=1, help="valid updates a round needs (default 1)")
+    rc.add_argument("--round-timeout", type=_seconds, default=600.0, help="seconds to wait for a round's replies")
+    rc.add_argument("--connect-timeout", type=_seconds, default=120.0,
                     help="seconds to wait at start for a SuperNode of every source domain")
     rc.add_argument("--checkpoint-dir", default="", help="where the ServerApp checkpoints each round and resumes "
                                                          "from (SuperLink machine; default: no checkpoints)")
     rc.add_argument("-o", "--output", type=Path, default=Path("run.toml"))
     rc.set_defaults(func=_run_config)
+
+
+def _seconds(text: str) -> float:
+    """A time limit: a positive, finite number of seconds (argparse turns the ValueError into exit 2)."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def _at_least(low: int):
+    def count(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} is below {low}")
+        return value
+    return count
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (1-65535)")
+    return value
 
 
 def _certs(args: argparse.Namespace) -> int:

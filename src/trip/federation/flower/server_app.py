@@ -46,7 +46,7 @@ def main(grid: Grid, context: Context) -> None:
     ws = node.workspace(spec.cfg, [] if target_peer else [spec.target])
     method = node.method_of(ws, spec.method)
     if spec.cfg.federation.secure_aggregation:
-        secure.check(spec.cfg.federation, [method], "flower", {})
+        secure.check(spec.cfg.federation, [method], {})
     check_method(method, spec.cfg)
     out = Path(spec.out_dir) if spec.out_dir else None
     checkpoints = RunCheckpoints(Path(spec.checkpoint_dir)) if spec.checkpoint_dir and method.trainable else None

@@ -256,6 +256,7 @@ class TripCfg(_Strict):
     capacity_train: float | None = Field(1.0, gt=0)  # None: plain k-means without capacity
     capacity_infer: float | None = Field(2.0, gt=0)
     kmeans_iters: int = Field(100, ge=1)
+    kmeans_tol: float = Field(1e-4, ge=0)  # stop when the centroids move less than this (0: run every iteration)
     key_seed: int = 0
     image_temperature: float = Field(0.1, gt=0)
     tie_expert_init: bool = False  # True reproduces the official identical init (docs/reproduce.md B1)

@@ -39,6 +39,7 @@ class RoutingSpec:
     key_seed: int = 0  # seeds the static keys and, with the image id and the run, each image's k-means init
     assignment: str = "hungarian"
     run: str = "train"  # "train" or "infer": the official router draws a fresh init for each of the two runs
+    tol: float = 1e-4  # k-means stops when the centroids move less than this (mean over clusters)
 
     def key(self) -> str:
         return "route-" + hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]

@@ -32,7 +32,7 @@ class Trip(Method):
 
     def _spec(self, capacity: float | None, run: str) -> RoutingSpec:
         c = self.cfg
-        return RoutingSpec(c.num_experts, capacity, c.kmeans_iters, c.key_seed, c.assignment, run)
+        return RoutingSpec(c.num_experts, capacity, c.kmeans_iters, c.key_seed, c.assignment, run, c.kmeans_tol)
 
     @staticmethod
     def count_params(cfg, text_width: int, vision_width: int, classes: int) -> int:

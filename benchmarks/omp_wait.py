@@ -27,7 +27,7 @@ from trip import pretrain
 from trip.tinyclip import new_tiny_clip
 
 steps = int(sys.argv[1])
-pretrain.PRETRAIN = {**pretrain.PRETRAIN, "steps": steps, "images": 480}  # a smaller corpus: the same steps
+pretrain.RECIPE = {**pretrain.RECIPE, "steps": steps, "images": 480}  # a smaller corpus: the same steps
 torch.manual_seed(0)
 model = new_tiny_clip()
 def cpu():

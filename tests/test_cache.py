@@ -106,13 +106,13 @@ def test_a_bad_feature_file_is_rebuilt_with_a_warning(damage, data, clean, tiny_
     assert capsys.readouterr().err == ""
 
 
-TINY_PRETRAIN = {"version": 3, "images": 48, "steps": 2, "groups": 2, "lr": 4e-3, "seed": 0}
+TINY_RECIPE = {**pretrain.RECIPE, "images": 48, "steps": 2, "groups": 2}
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "wrong-keys"])
 def test_a_bad_tiny_clip_file_is_pretrained_again(damage, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRIP_CACHE", str(tmp_path))
-    monkeypatch.setattr(pretrain, "PRETRAIN", TINY_PRETRAIN)
+    monkeypatch.setattr(pretrain, "RECIPE", TINY_RECIPE)
     model, identity = pretrain.pretrained_tiny_clip()
     (path,) = tmp_path.glob("tiny-clip-synthetic-*.safetensors")
     if damage == "truncate":

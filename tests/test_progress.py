@@ -115,14 +115,14 @@ FIRST_RUN = textwrap.dedent("""
     from pathlib import Path
     from trip import pretrain
 
-    pretrain.PRETRAIN = {"version": 3, "images": 48, "steps": 2, "groups": 2, "lr": 4e-3, "seed": 0}
+    pretrain.RECIPE = {**pretrain.RECIPE, "images": 48, "steps": 2, "groups": 2}
     real = pretrain.pretrain
 
-    def counted(model):
+    def counted(model, *args):
         with open(os.environ["PRETRAINED_BY"], "a") as f:
             f.write(f"{os.getpid()}\\n")
         time.sleep(3)  # the other process reaches the lock while this one holds it
-        real(model)
+        real(model, *args)
 
     pretrain.pretrain = counted
     Path(sys.argv[1]).touch()

@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision import transforms
 
 from trip.config import BackboneCfg, names_a_weights_file
+from trip.data.synthetic import DOMAINS
 from trip.errors import TripError
 from trip.paths import cache_dir
 from trip.pretrain import pretrained_tiny_clip
@@ -117,7 +118,7 @@ def _tiny(cfg: BackboneCfg) -> tuple[open_clip.model.CLIP, str]:
     if cfg.pretrained is None:
         return new_tiny_clip(), "tiny:random"
     if cfg.pretrained == "synthetic":
-        return pretrained_tiny_clip()
+        return pretrained_tiny_clip(tuple(cfg.pretrain_styles or DOMAINS))
     path = Path(cfg.pretrained).expanduser()
     if not path.is_file():
         raise TripError(f"backbone.pretrained: no weights file at {path}; see docs/reproduce.md")

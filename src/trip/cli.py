@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from trip.config import load_config
+from trip.data.synthetic import DOMAINS as SYNTHETIC_STYLES
 from trip.data.tools import add_data_command
 from trip.errors import TripError
 from trip.federation import privacy, secure
@@ -123,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--html", action="store_true", help="also write a self-contained HTML page beside it")
     report.set_defaults(func=_report)
 
+    study = sub.add_parser("study", help="one of the paper's open checks on the embedded task (docs/studies.md)")
+    study.add_argument("name", choices=["shift-ladder", "anchor", "router", "lite"])
+    study.add_argument("--out", type=Path, help="study folder (default runs/study-<name>-<time>)")
+    study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
+    study.add_argument("--quick", action="store_true", help="2 rounds and 12 images per class: a smoke test")
+    study.set_defaults(func=_study)
+
     bench = sub.add_parser("bench", help="speed of the fast paths against the official-style ones (ratios)")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when visible, else cpu")
     bench.add_argument("--out", type=Path, help="also write the measurements to this JSON file")
@@ -136,6 +144,13 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("out", type=Path, help="the .safetensors file to write")
     convert.add_argument("--force", action="store_true", help="replace OUT if it exists")
     convert.set_defaults(func=_convert_weights)
+    tiny = weights.add_parser("pretrain-tiny", help="pretrain the demo's tiny CLIP on synthetic captions and write "
+                              "its weights file into a folder (the default styles give the file trip ships in "
+                              "src/trip/assets); prints the file's SHA-256")
+    tiny.add_argument("folder", type=Path, help="where to write tiny-clip-synthetic-<recipe>.safetensors")
+    tiny.add_argument("--styles", nargs="+", choices=SYNTHETIC_STYLES, help="the corpus' styles (default: all four)")
+    tiny.add_argument("--force", action="store_true", help="overwrite the file if it is there")
+    tiny.set_defaults(func=_pretrain_tiny)
     return p
 
 
@@ -143,6 +158,15 @@ def _convert_weights(args: argparse.Namespace) -> int:
     from trip.weights import convert_openai
 
     convert_openai(args.source, args.out, force=args.force)
+    return 0
+
+
+def _pretrain_tiny(args: argparse.Namespace) -> int:
+    from trip.pretrain import write_pretrained
+
+    styles = tuple(s for s in SYNTHETIC_STYLES if s in (args.styles or SYNTHETIC_STYLES))  # canonical order
+    path, sha256 = write_pretrained(args.folder, styles, force=args.force)
+    print(f"wrote {path}\nsha256 {sha256}")
     return 0
 
 
@@ -214,6 +238,15 @@ def _report(args: argparse.Namespace) -> int:
 
     for path in write_report(args.run_dirs, args.out or default_out(args.run_dirs), html_page=args.html):
         print(path)
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from trip.studies import run_study
+
+    out = run_study(args.name, args.out or _default_out(f"study-{args.name}"), args.seeds, quick=args.quick)
+    print((out / "study.md").read_text())
+    print(f"study folder: {out}")
     return 0
 
 

@@ -20,8 +20,9 @@ from trip.federation.flower.cli import add_parser as add_flower_command
 from trip.shared_cores import share_the_cores
 
 QUICK = ["train.rounds=2", "data.images_per_class=12"]
-TINY_NOTE = ("Note: a tiny CLIP pretrained for about a minute on synthetic shapes. These numbers show the "
-             "machinery works; they say nothing about TRIP on real benchmarks (see docs/reproduce.md).")
+TINY_NOTE = ("Note: a tiny CLIP pretrained on synthetic shapes (its weights ship with trip). These numbers show the "
+             "machinery works; they say nothing about TRIP on real benchmarks (see docs/reproduce.md), and on this "
+             "task the frozen features still cap every method near zero-shot (the linear probe row; docs/studies.md).")
 RANDOM_TINY_NOTE = ("Note: a tiny CLIP with random weights: a smoke test of the pipeline; the accuracies mean "
                     "nothing (see docs/reproduce.md).")
 

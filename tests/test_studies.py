@@ -42,5 +42,15 @@ def test_a_quick_study_writes_its_table_figure_and_routing(tmp_path):
     table = (out / "study.md").read_text()
     assert "| TRIP vs TRIP-Lite | TRIP-Lite |" in table and " ± " in table
     assert (out / "study.png").stat().st_size > 10_000
-    again = run_study("lite", tmp_path / "lite", seeds=[0, 1], quick=True)  # the same folders again: their runs are kept
+    again = run_study("lite", tmp_path / "lite", seeds=[0, 1], quick=True)  # the same folders: runs kept
     assert json.loads((again / "study.json").read_text())["runs"] == doc["runs"]
+
+
+def test_routing_is_measured_for_the_token_routed_arms_only():
+    from trip.studies import routed_label
+
+    router = STUDIES["router"]
+    labels = {arm.name: routed_label(router, arm) for arm in router.arms}
+    assert labels["learned router"] is None and labels["image-level"] is None
+    assert labels["M=1"] == "M=1" and labels["k-means tol 0"] == "k-means tol 0"
+    assert {routed_label(STUDIES["anchor"], arm) for arm in STUDIES["anchor"].arms} == {"TRIP kl 1"}

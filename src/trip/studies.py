@@ -36,7 +36,7 @@ class Study:
     question: str
     arms: tuple[Arm, ...]
     targets: tuple[str, ...] | None = None  # None: every style held out in turn
-    routing_method: str | None = "TRIP"  # the label whose routing is measured in each arm
+    routing_method: str | None = "TRIP"  # the label whose routing is measured in each arm (None: the arm's name)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -76,6 +76,14 @@ def _router() -> Study:
                  "iterations, token- against image-level, the number of experts?", arms, routing_method=None)
 
 
+def routed_label(study: Study, arm: Arm) -> str | None:
+    """The label of the arm's method whose token routing is measured, if the arm has one that routes tokens."""
+    label = study.routing_method or arm.name
+    method = next((m for m in arm.methods if m.get("label") == label), None)
+    return label if method and method["name"] in ("trip", "trip-lite") and method.get("routing", "token") == "token" \
+        else None
+
+
 def _lite() -> Study:
     arms = (Arm("TRIP vs TRIP-Lite", (), (*REFERENCE, _trip("TRIP"), {"name": "trip-lite", "label": "TRIP-Lite"})),)
     return Study("lite", "What does TRIP-Lite (1,024 parameters per round at ViT-B/16) give up against TRIP?", arms)
@@ -112,8 +120,7 @@ def run_study(name: str, out: Path, seeds: list[int], quick: bool = False) -> Pa
             for run in run_experiment(cfg, folder):
                 records.append({"arm": arm.name, "method": run["method"], "target": run["target"], "seed": seed,
                                 "acc": run["acc"]})
-    routing = {arm.name: routing_stability(study, arm, seeds, quick) for arm in study.arms
-               if study.routing_method and any(m.get("label") == study.routing_method for m in arm.methods)}
+    routing = {arm.name: routing_stability(study, arm, seeds, quick) for arm in study.arms if routed_label(study, arm)}
     doc = {"study": study.name, "question": study.question, "seeds": seeds, "quick": quick, "runs": records,
            "routing": routing}
     (out / "study.json").write_text(json.dumps(doc, indent=2))
@@ -149,7 +156,7 @@ def study_markdown(doc: dict) -> str:
     parts = [f"# Study `{doc['study']}`", "", doc["question"], "",
              f"Seeds {', '.join(map(str, doc['seeds']))}{quick}.", "", markdown_table(header, rows)]
     if doc["routing"]:
-        parts += ["", "Routing of TRIP's token router (every image of every style; top expert = largest weight):", "",
+        parts += ["", "Each arm's token router (every image of every style; top expert = largest weight):", "",
                   markdown_table(["arm", "top expert differs between seeds", "differs train vs infer",
                                   "usage entropy / log M", "collapsed"],
                                  [[arm, f"{r['between_seeds']:.1%}", f"{r['train_vs_infer']:.1%}",
@@ -170,7 +177,7 @@ def routing_stability(study: Study, arm: Arm, seeds: list[int], quick: bool) -> 
     for seed in seeds:
         cfg = arm_config(study, arm, seed, quick)
         cfg = ExperimentCfg.model_validate({**cfg.model_dump(), "methods": [
-            m for m in cfg.model_dump()["methods"] if m.get("label") == study.routing_method]})
+            m for m in cfg.model_dump()["methods"] if m.get("label") == routed_label(study, arm)]})
         ws = prepare(cfg)
         method = ws.methods[0]
         weights = {phase: torch.cat([ws.frozen[d].routing[spec.key()] for d in ws.frozen])

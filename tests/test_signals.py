@@ -211,6 +211,12 @@ def test_trip_flower_supernode_takes_its_supernode_and_worker_along(tmp_path, si
 TRIP_SCRIPT = "import sys; from trip.__main__ import main; sys.exit(main())"  # what pip's `trip` script runs
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """A suite started in the background (`pytest &` from a script) has SIGINT ignored, and Python keeps an ignored
+    SIGINT ignored: the child gets Ctrl-C's default disposition, as a command typed at a terminal has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _importing_the_cli(proc: subprocess.Popen, timeout: float = 60) -> None:
     """Returns once the process has loaded pydantic's compiled core: trip.cli is importing (trip.config needs it),
     past the interpreter's own start-up, which no program can guard."""
@@ -232,7 +238,8 @@ def test_ctrl_c_while_trip_starts_is_one_line_and_exit_130(tmp_path):
     config.write_text(yaml.safe_dump(CONFIG))
     for n, delay in enumerate((0.0, 0.2, 0.6, 1.5)):
         argv = [sys.executable, "-c", TRIP_SCRIPT, "run", str(config), "--out", str(tmp_path / str(n))]
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_ctrl_c_as_at_a_terminal)
         _importing_the_cli(proc)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)

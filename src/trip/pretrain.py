@@ -1,6 +1,6 @@
 """Contrastive pretraining of the tiny CLIP on the synthetic caption corpus, so the demo's backbone knows the
-synthetic shapes as real CLIP knows real objects: well enough to see them, not so well that a hand-written prompt
-is the best classifier (docs/datasets.md, "The synthetic task").
+synthetic shapes as real CLIP knows real objects (docs/datasets.md, "The synthetic task"). On this recipe its
+zero-shot is still as good as a linear probe on its features, so prompts have no room to learn (docs/studies.md).
 
 The weights of the default recipe (every style in the corpus) ship with trip (`trip/assets/`), written by
 `trip weights pretrain-tiny`; a corpus of other styles (`backbone.pretrain_styles`) is pretrained once on first use

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from trip.config import load_config
 from trip.data.synthetic import DOMAINS as SYNTHETIC_STYLES
+from trip.data.synthetic import in_style_order
 from trip.data.tools import add_data_command
 from trip.errors import TripError
 from trip.federation import privacy, secure
@@ -165,8 +166,7 @@ def _convert_weights(args: argparse.Namespace) -> int:
 def _pretrain_tiny(args: argparse.Namespace) -> int:
     from trip.pretrain import write_pretrained
 
-    styles = tuple(s for s in SYNTHETIC_STYLES if s in (args.styles or SYNTHETIC_STYLES))  # canonical order
-    path, sha256 = write_pretrained(args.folder, styles, force=args.force)
+    path, sha256 = write_pretrained(args.folder, in_style_order(args.styles or SYNTHETIC_STYLES), force=args.force)
     print(f"wrote {path}\nsha256 {sha256}")
     return 0
 

@@ -47,14 +47,14 @@ class BackboneCfg(_Strict):
     def _styles_known_and_distinct(cls, styles: list[str] | None) -> list[str] | None:
         if styles is None:
             return None
-        from trip.data.synthetic import DOMAINS  # the synthetic styles (a light module: numpy and Pillow)
+        from trip.data.synthetic import DOMAINS, in_style_order  # a light module: numpy and Pillow
 
         unknown = [s for s in styles if s not in DOMAINS]
         if unknown or not styles:
             raise ValueError(f"pretrain_styles {styles}: name one or more of the synthetic styles "
                              f"{', '.join(DOMAINS)}")
         _refuse_repeats(styles, "pretrain style", "a style is in the corpus or not")
-        return [s for s in DOMAINS if s in styles]  # canonical order: one cache entry per set of styles
+        return list(in_style_order(styles))
 
     @model_validator(mode="after")
     def _styles_only_for_the_synthetic_tiny_clip(self) -> BackboneCfg:

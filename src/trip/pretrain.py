@@ -57,8 +57,9 @@ def pretrained_tiny_clip(styles: tuple[str, ...] = synthetic.DOMAINS) -> tuple[o
         if model is None:
             model = new_tiny_clip()
             pretrain(model, styles)
-            digest = safefile.digest(compact(model))
-            safefile.store_in_cache(lambda: write(path, model, styles), "pretrained tiny CLIP", path)
+            tensors = compact(model)
+            digest = safefile.digest(tensors)
+            safefile.store_in_cache(lambda: write(path, tensors, styles), "pretrained tiny CLIP", path)
     return model, f"tiny:synthetic-{key}-{digest[:8]}"
 
 
@@ -70,12 +71,13 @@ def write_pretrained(folder: Path, styles: tuple[str, ...], force: bool = False)
         raise TripError(f"{path} exists: pass --force to overwrite it")
     model = new_tiny_clip()
     pretrain(model, styles)
-    write(path, model, styles)
+    write(path, compact(model), styles)
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write(path: Path, model: open_clip.model.CLIP, styles: tuple[str, ...]) -> None:
-    safefile.write_tensors(path, compact(model), {"recipe": recipe_key(styles), "styles": ",".join(styles)})
+def write(path: Path, tensors: dict[str, torch.Tensor], styles: tuple[str, ...]) -> None:
+    """`tensors`: `compact(model)`."""
+    safefile.write_tensors(path, tensors, {"recipe": recipe_key(styles), "styles": ",".join(styles)})
 
 
 def compact(model: open_clip.model.CLIP) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from trip.config import ExperimentCfg, load_config
-from trip.results import cell, markdown_table
+from trip.results import cell, markdown_table, write_run_file
 
 TRIP = {"name": "trip", "num_experts": 4, "n_ctx": 8}  # as the demo runs it
 REFERENCE = ({"name": "zeroshot", "templates": "ensemble"}, {"name": "linear-probe"})
@@ -123,8 +123,8 @@ def run_study(name: str, out: Path, seeds: list[int], quick: bool = False) -> Pa
     routing = {arm.name: routing_stability(study, arm, seeds, quick) for arm in study.arms if routed_label(study, arm)}
     doc = {"study": study.name, "question": study.question, "seeds": seeds, "quick": quick, "runs": records,
            "routing": routing}
-    (out / "study.json").write_text(json.dumps(doc, indent=2))
-    (out / "study.md").write_text(study_markdown(doc))
+    write_run_file(out / "study.json", json.dumps(doc, indent=2))
+    write_run_file(out / "study.md", study_markdown(doc))
     draw(doc, out / "study.png")
     return out
 
@@ -135,12 +135,8 @@ def _slug(name: str) -> str:
 
 def accuracy_table(doc: dict) -> tuple[list[str], list[list[str]]]:
     """Rows: arm × method; the cell is the mean over held-out styles, as mean ± std over seeds."""
-    rows, seen = [], []
-    for r in doc["runs"]:
-        if (r["arm"], r["method"]) not in seen:
-            seen.append((r["arm"], r["method"]))
-    for arm, method in seen:
-        rows.append([arm, method, cell(_per_seed(doc, arm, method))])
+    pairs = dict.fromkeys((r["arm"], r["method"]) for r in doc["runs"])
+    rows = [[arm, method, cell(_per_seed(doc, arm, method))] for arm, method in pairs]
     return ["arm", "method", "held-out accuracy (mean over styles)"], rows
 
 
@@ -214,8 +210,9 @@ def draw(doc: dict, path: Path) -> None:
     methods = list(dict.fromkeys(r[1] for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(arms) + 2), 4))
     for method in methods:
-        means = [np.mean(_per_seed(doc, arm, method)) for arm in arms]
-        stds = [np.std(_per_seed(doc, arm, method)) for arm in arms]
+        per_seed = [_per_seed(doc, arm, method) for arm in arms]
+        means = [np.mean(v) for v in per_seed]
+        stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per_seed]  # the table's (sample) std
         ax.errorbar(range(len(arms)), means, yerr=stds, marker="o", capsize=3, label=method)
     ax.set_xticks(range(len(arms)), arms, rotation=20, ha="right")
     ax.set_ylabel("held-out accuracy (%)")

@@ -287,6 +287,11 @@ def _draw_domains(out: Path, images_per_class: int, seed: int, size: int, shift:
                 render(cls, domain, rng, size, shift).save(folder / f"{domain}_{cls}_{i:04d}.png")
 
 
+def in_style_order(styles) -> tuple[str, ...]:
+    """`styles` in the order of DOMAINS: one name (and one cache entry) per set of styles."""
+    return tuple(s for s in DOMAINS if s in styles)
+
+
 _TEMPLATES = {  # colour is named rarely: it is easy to learn and would crowd out the shapes
     "photo": ("a photo of a {c}", "a photo of the {c}", "a photo of a {c} with a soft shadow",
               "a photo of {ac} {col} {c}", "a close-up photo of a {c}"),
